@@ -233,12 +233,13 @@ def load_dataset(
     idx_reward = perm[:reward_size]
     idx_calib = perm[REWARD_MAX : REWARD_MAX + calib_size]
     idx_train = np.sort(perm[HOLDOUT:])
-    if test_size is not None:
-        tex, tey = tex[:test_size], tey[:test_size]
+    # The fingerprint identifies the training data only (a checkpoint does not depend on test_size).
     h = hashlib.sha1()
     h.update(f"{name}|{trx.shape}|{tex.shape}|{split_seed}".encode())
     h.update(trx[idx_train[:256]].numpy().tobytes())
     h.update(try_[idx_train].numpy().tobytes())
+    if test_size is not None:
+        tex, tey = tex[:test_size], tey[:test_size]
     splits = DatasetSplits(
         name=name,
         train=Split(_to_float(trx[idx_train], mean, std), try_[idx_train].clone(), idx_train),

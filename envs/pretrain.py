@@ -67,14 +67,21 @@ def checkpoint_path(model: str, dataset: str, width: float = 1.0, split_seed: in
     return cache_dir() / "checkpoints" / f"{checkpoint_key(model, dataset, width, split_seed, recipe)}.pt"
 
 
-def pretrain_command(model: str, dataset: str, width: float = 1.0, data_dir=None, recipe: Recipe = Recipe()) -> str:
+def pretrain_command(model: str, dataset: str, width: float = 1.0, data_dir=None, recipe: Recipe = Recipe(),
+                     split_seed: int = 0) -> str:
     cmd = f"python -m envs.pretrain --model {model} --dataset {dataset}"
     if width != 1.0:
         cmd += f" --width {width:g}"
     if data_dir is not None:
         cmd += f" --data-dir {data_dir}"
+    if split_seed != 0:
+        cmd += f" --split-seed {split_seed}"
     if recipe.epochs != Recipe().epochs:
         cmd += f" --epochs {recipe.epochs}"
+    if recipe.batch_size != Recipe().batch_size:
+        cmd += f" --batch-size {recipe.batch_size}"
+    if recipe.lr != Recipe().lr:
+        cmd += f" --lr {recipe.lr!r}"
     return cmd
 
 
@@ -144,8 +151,11 @@ def train(
     if recipe.max_train is not None:
         x_all, y_all = x_all[: recipe.max_train], y_all[: recipe.max_train]
     steps_per_epoch = (len(y_all) + recipe.batch_size - 1) // recipe.batch_size
+    total_steps = recipe.epochs * steps_per_epoch
+    # OneCycleLR divides by zero when pct_start * total_steps == 1 (4 steps at 0.25): tiny runs warm up 1.5 steps.
+    pct_start = 0.25 if total_steps >= 6 else 1.5 / max(total_steps, 2)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.25, div_factor=10,
+        opt, max_lr=recipe.lr, total_steps=total_steps, pct_start=pct_start, div_factor=10,
         final_div_factor=100,
     )
     start_epoch, elapsed = 0, 0.0
@@ -289,7 +299,7 @@ def get_pretrained(
         return model, meta
     if not train_if_missing:
         raise CheckpointError(f"no cached checkpoint for {model_name} on {dataset} at {str(path)!r}; create it with "
-                              f"`{pretrain_command(model_name, dataset, width, data_dir, recipe)}`")
+                              f"`{pretrain_command(model_name, dataset, width, data_dir, recipe, split_seed)}`")
     print(f"training {model_name} on {dataset} (cached at {path}) ...", file=sys.stderr)
     model, meta = train(model_name, data, width, recipe, path, progress)
     save_checkpoint(model, meta, path)

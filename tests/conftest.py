@@ -1,0 +1,47 @@
+"""Shared fixtures: every test gets its own empty cache directory; Fashion-MNIST is loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from envs.data import load_dataset
+from envs.paths import CACHE_ENV
+
+# The test models are tiny: one thread is faster than two, and far faster when another process (a pretraining
+# run) is using the cores, where OpenMP threads contend.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def tmp_cache(tmp_path, monkeypatch):
+    """Point ``$CHANNELPRUNE_CACHE`` at a fresh per-test directory so no test touches ``~/.cache/channelprune``."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """A session-wide cache for the unpacked idx files (unpacking them again per test would cost seconds)."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture
+def load(data_cache, monkeypatch):
+    """``load_dataset`` with the session-wide data cache (the per-test cache is restored afterwards)."""
+
+    def _load(*args, **kwargs):
+        with monkeypatch.context() as mp:
+            mp.setenv(CACHE_ENV, str(data_cache))
+            return load_dataset(*args, **kwargs)
+
+    return _load
+
+
+@pytest.fixture(scope="session")
+def fmnist(data_cache):
+    """The default Fashion-MNIST splits (split_seed 0, reward 2000, calib 512), loaded once (~2 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(data_cache))
+        return load_dataset()
