@@ -106,7 +106,8 @@ class ChannelPruneEnv(gym.Env):
     ## Info
 
     Every step: ``group`` (name), ``group_index``, ``action`` (requested keep ratio), ``keep_ratio`` (applied),
-    ``runtime_ratio`` (runtime mode), ``clamped`` (requested - applied, >= 0). At the end also: ``accuracy``,
+    ``runtime_ratio`` (runtime mode), ``clamped`` (keep ratio removed by the wall, >= 0; channel rounding is
+    not counted). At the end also: ``accuracy``,
     ``loss``, ``flops_ratio`` (static MACs), ``params_ratio``, ``effective_flops_ratio`` (per-input MACs actually
     computed, gates included; equal to ``flops_ratio`` in static mode), ``latency_ratio`` (look-up-table
     prediction; when ``target="latency"`` or ``latency=True``), ``keep_ratios``, ``runtime_ratios``,
@@ -259,6 +260,7 @@ class ChannelPruneEnv(gym.Env):
         self._t: int | None = None
         self._ce_mean: float | None = None
         self.last_info: dict = {}
+        self._done_info: dict = {}
 
     # ------------------------------------------------------------------------------------------ validation
     @staticmethod
@@ -343,7 +345,7 @@ class ChannelPruneEnv(gym.Env):
         self._rt_ratios: list[float] = []
         self._clamps: list[float] = []
         self._prev = 1.0
-        self.last_info = {}
+        self._done_info: dict = {}  # this episode's final info (``last_info`` keeps the last finished one)
         return self._get_obs(), self._get_info()
 
     def step(self, action):
@@ -360,29 +362,30 @@ class ChannelPruneEnv(gym.Env):
         a = np.clip(a, -1.0, 1.0)
         t, g = self._t, self.groups[self._t]
         want = self._ratio(float(a[0]))
-        k = keep_count(want, g.num_channels, self.round_to, self.k_min[t])
+        k_asked = keep_count(want, g.num_channels, self.round_to, self.k_min[t])
         rt_want = self._ratio(float(a[1])) if self.mode == "runtime" else 1.0
-        if self.budget_mode == "wall":
-            k = self._wall_static(t, k)
+        k = self._wall_static(t, k_asked) if self.budget_mode == "wall" else k_asked
         r = keep_count(rt_want, k, 1, keep_count(self.min_keep, k, 1)) if self.gated[t] else k
         if self.budget_mode == "wall" and self.mode == "runtime":
             k, r = self._wall_runtime(t, k, r)
         self._kept[t], self._rt[t] = k, r
         applied = k / g.num_channels
+        clamped = (k_asked - k) / g.num_channels  # what the wall removed (channel rounding is not counted)
         self._requested.append(want)
         self._applied.append(applied)
         self._rt_ratios.append(r / k)
-        self._clamps.append(max(0.0, want - applied))
+        self._clamps.append(clamped)
         self._prev = applied
         self._t += 1
         terminated = self._t >= self.n_groups
         reward = 0.0
         info = {"group": g.name, "group_index": t, "action": want, "keep_ratio": applied,
-                "runtime_ratio": r / k, "clamped": max(0.0, want - applied)}
+                "runtime_ratio": r / k, "clamped": clamped}
         if terminated:
             reward, final = self._finish()
             info.update(final)
             self.last_info = dict(info)
+            self._done_info = self.last_info
         obs = self._get_obs() if not terminated else self._terminal_obs()
         return obs, float(reward), terminated, False, info
 
@@ -630,7 +633,7 @@ class ChannelPruneEnv(gym.Env):
         t = self._t or 0
         if t < self.n_groups:
             return {"group": self.groups[t].name, "group_index": t}
-        return dict(self.last_info)
+        return dict(self._done_info)
 
     # ------------------------------------------------------------------------------------------ rendering
     def render(self):
@@ -645,9 +648,9 @@ class ChannelPruneEnv(gym.Env):
                 rt = self._rt_ratios[i] if i < len(self._rt_ratios) else float("nan")
                 mark = ">" if i == t else " "
                 lines.append(f"{mark}{i:>2} {g.name:<28} {g.kind:<9} {g.num_channels:>5} {ratios[i]:>6.2f} {rt:>8.2f}")
-            if self.last_info:
-                lines.append(f"accuracy {self.last_info['accuracy']:.4f}  flops {self.last_info['flops_ratio']:.3f}  "
-                             f"params {self.last_info['params_ratio']:.3f}")
+            if self._done_info:
+                d = self._done_info
+                lines.append(f"accuracy {d['accuracy']:.4f}  flops {d['flops_ratio']:.3f}  params {d['params_ratio']:.3f}")
             return "\n".join(lines) + "\n"
         import matplotlib
 

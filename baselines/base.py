@@ -1,0 +1,131 @@
+"""What every baseline shares: the policy interface, the registry, budget fitting.
+
+A baseline is built from an env (``ChannelPruneEnv`` or a wrapper of it), computes a per-group plan of keep
+ratios, and answers SB3's ``predict(observation, state=None, episode_start=None, deterministic=True)`` per step,
+so ``stable_baselines3.common.evaluation.evaluate_policy`` runs baselines and agents alike. A method that changes
+the network (a regularized fine-tune), the channel choice (its own scorer) or adds a compensation step does it in
+``prepare()``, which returns the env to evaluate on (``env.derive(model=..., scorer=..., compensate=...)``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.optimize import brentq
+
+from envs.channel_prune import ChannelPruneEnv
+from envs.groups import keep_count
+
+REGISTRY: dict[str, type["Baseline"]] = {}
+
+
+def register(name: str) -> Callable[[type["Baseline"]], type["Baseline"]]:
+    def deco(cls: type["Baseline"]) -> type["Baseline"]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+class Baseline:
+    """Base class: subclasses implement ``plan()`` (and optionally ``prepare()``)."""
+
+    name = "baseline"
+    runtime = False  # a runtime-mode baseline also plans runtime ratios
+
+    def __init__(self, env, seed: int = 0, **kwargs):
+        self.env: ChannelPruneEnv = env.unwrapped if hasattr(env, "unwrapped") else env
+        self.seed = int(seed)
+        self.options = kwargs
+        self.rng = np.random.default_rng(self.seed)
+        self.eval_env: ChannelPruneEnv | None = None
+        self.ratios: np.ndarray | None = None
+        self.runtime_ratios: np.ndarray | None = None
+        self.cpu_seconds = 0.0
+
+    # -- to override
+    def prepare(self) -> ChannelPruneEnv:
+        """The env this method is evaluated on (default: the given env, unchanged)."""
+        return self.env
+
+    def plan(self) -> np.ndarray:
+        """Keep ratio per group, shape (n_groups,)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- shared
+    def setup(self) -> "Baseline":
+        """Run ``prepare`` and ``plan`` once, timing them (process CPU time)."""
+        if self.ratios is None:
+            t0 = time.process_time()
+            self.eval_env = self.prepare()
+            plan = np.asarray(self.plan(), dtype=np.float64)
+            if plan.ndim == 2:  # (n_groups, 2): static and runtime ratios
+                self.ratios, self.runtime_ratios = plan[:, 0], plan[:, 1]
+            else:
+                self.ratios = plan
+            n = self.eval_env.n_groups
+            if self.ratios.shape != (n,):
+                raise ValueError(f"{self.name}: plan has shape {self.ratios.shape}; expected ({n},)")
+            self.cpu_seconds = time.process_time() - t0
+        return self
+
+    def _ratio_to_action(self, r: float) -> float:
+        mk = self.eval_env.min_keep
+        return float(np.clip(2.0 * (r - mk) / max(1.0 - mk, 1e-12) - 1.0, -1.0, 1.0))
+
+    def action_for_step(self, t: int) -> np.ndarray:
+        self.setup()
+        a = [self._ratio_to_action(self.ratios[t])]
+        if self.eval_env.mode == "runtime":
+            rt = 1.0 if self.runtime_ratios is None else self.runtime_ratios[t]
+            a.append(self._ratio_to_action(rt))
+        return np.asarray(a, dtype=np.float32)
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        """SB3's policy interface; the step index is read from observation[0] (index / (n_groups - 1))."""
+        self.setup()
+        obs = np.asarray(observation, dtype=np.float64)
+        n = self.eval_env.n_groups
+        if obs.ndim == 1:
+            t = int(round(obs[0] * max(n - 1, 1)))
+            return self.action_for_step(min(t, n - 1)), state
+        acts = [self.action_for_step(min(int(round(o[0] * max(n - 1, 1))), n - 1)) for o in obs]
+        return np.stack(acts), state
+
+
+def cost_of_ratios(env: ChannelPruneEnv, ratios: Sequence[float], runtime: Sequence[float] | None = None) -> float:
+    """Cost ratio of the target (effective FLOPs in runtime mode) for a plan of keep ratios."""
+    kept = [keep_count(r, g.num_channels, env.round_to, env.k_min[i]) for i, (r, g) in enumerate(zip(ratios, env.groups))]
+    if env.mode == "runtime":
+        rt = [keep_count(float(runtime[i]) if runtime is not None else 1.0, k, 1) if env.gated[i] else k
+              for i, k in enumerate(kept)]
+        return env._costs(kept, rt)["effective"] / env._base_cost["flops"]
+    return env._costs(kept)[env.target] / env._base_cost[env.target]
+
+
+def fit_to_budget(env: ChannelPruneEnv, ratios: Sequence[float], budget: float | None = None) -> np.ndarray:
+    """Scale a plan's ratios by one factor s (root-found with scipy's brentq) so its cost meets the budget.
+
+    ``r_i(s) = clip(s * r_i, min_keep, 1)``; returns the largest such plan whose cost is within the budget.
+    """
+    budget = env.budget if budget is None else budget
+    r = np.clip(np.asarray(ratios, dtype=np.float64), env.min_keep, 1.0)
+
+    def plan(s: float) -> np.ndarray:
+        return np.clip(s * r, env.min_keep, 1.0)
+
+    def excess(s: float) -> float:
+        return cost_of_ratios(env, plan(s)) - budget
+
+    if excess(1.0 / r.min()) <= 0:  # even keeping everything that can be kept fits
+        return plan(1.0 / r.min())
+    lo = 0.0
+    if excess(lo) > 0:
+        return plan(lo)
+    s = brentq(excess, lo, 1.0 / r.min(), xtol=1e-4)
+    while excess(s) > 0 and s > 0:  # rounding of channel counts: step down until it fits
+        s *= 0.999
+    return plan(s)
