@@ -192,6 +192,7 @@ class ChannelPruneEnv(gym.Env):
         )
 
         # --- data and base model (cached; never modified)
+        self._data_given = data is not None
         if data is None:
             data = load_dataset(dataset, data_dir, reward_size=reward_size, calib_size=calib_size,
                                 split_seed=split_seed)
@@ -685,6 +686,8 @@ class ChannelPruneEnv(gym.Env):
         extra = {}
         if isinstance(self._init_kwargs["model"], nn.Module):
             extra = {"data": self.data, "example_input": self.example_input}
+        elif self._data_given:
+            extra = {"data": self.data}
         return {"kwargs": {**self._init_kwargs, **extra}}
 
     def __setstate__(self, state):

@@ -45,3 +45,47 @@ def fmnist(data_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(data_cache))
         return load_dataset()
+
+
+# ---------------------------------------------------------------------------------------------- tiny env
+TINY_MODEL = dict(model="resnet20", width=0.5)
+TINY_RECIPE = dict(pretrain_epochs=2, pretrain_max_train=12000)
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory, data_cache):
+    """A small pretrained ResNet-20 (width 0.5, ~79% test accuracy) with small splits, built once per session.
+
+    Returns ``(checkpoint path, DatasetSplits)``; the importance predictors are cached next to the checkpoint.
+    """
+    from envs.channel_prune import ChannelPruneEnv
+
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(data_cache))
+        data = load_dataset(reward_size=500, calib_size=256)
+        mp.setenv(CACHE_ENV, str(cache))
+        env = ChannelPruneEnv(**TINY_MODEL, **TINY_RECIPE, data=data, progress=False)
+    return str(env.checkpoint_file), data
+
+
+@pytest.fixture
+def make_env(tiny_setup):
+    """``make_env(**overrides)`` -> a ChannelPruneEnv on the tiny model (budget 0.5, FLOPs, static by default)."""
+    from envs.channel_prune import ChannelPruneEnv
+
+    ckpt, data = tiny_setup
+
+    def _make(**overrides):
+        kwargs = dict(**TINY_MODEL, checkpoint=ckpt, data=data, progress=False)
+        kwargs.update(overrides)
+        return ChannelPruneEnv(**kwargs)
+
+    return _make
+
+
+@pytest.fixture
+def tiny_gym_kwargs(tiny_setup):
+    """kwargs for ``gym.make("ChannelPrune-ResNet20", **kwargs)`` on the tiny model."""
+    ckpt, data = tiny_setup
+    return dict(width=0.5, checkpoint=ckpt, data=data, progress=False)
