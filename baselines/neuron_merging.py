@@ -1,0 +1,166 @@
+"""Neuron Merging (Kim, Kim, Park, Jeon, "Neuron Merging: Compensating for Pruned Neurons", NeurIPS 2020).
+
+Data-free compensation applied after a structured prune. For a producer P (with BatchNorm) feeding one consumer
+C through a ReLU, a pruned filter j that is a positive multiple of a kept filter i after the BN transform
+(``z_j = s * z_i``) gives ``ReLU(z_j) = s * ReLU(z_i)``, so C's input weights of j can be folded into i:
+``C[:, i] += s * C[:, j]`` and the network's output is unchanged. For real networks the paper decomposes the
+weights greedily with cosine similarity:
+
+    for each block-internal group (P -> BN -> ReLU -> C), in forward order:
+        v_k = [ (gamma_k / sigma_k) * w_k ,  beta_k - gamma_k * mu_k / sigma_k ]   # BN-folded filter and bias
+        for each pruned channel j:
+            i   = argmax_{kept i} cos(v_j, v_i)
+            if cos(v_j, v_i) >= t:                      # t = 0.45 by default (the paper's conv-BN setting)
+                s = ||v_j|| / ||v_i||                   # BN-aware scale
+                C[:, i] += s * C[:, j]                  # absorbed into the consumer's input channels
+
+Details and deviations:
+
+* BN awareness: similarity and scale use the BN-folded filter concatenated with the folded bias, which is exactly
+  the paper's merge condition for conv-BN (both parts must be proportional with the same positive scale).
+  Without a BN the raw filter and its bias are used.
+* Residual-stream groups (several producers joined by additions) are skipped: the merge needs one
+  conv-BN-ReLU chain, which is what the paper handles. Groups with depthwise convs (MobileNetV2; ReLU6 is not
+  positively homogeneous) or several consumers are skipped too.
+* Groups are processed in forward order, and a consumer's merged weights are what the next group compares
+  (VGG chains), as in the paper's layer-by-layer merging.
+* ``l1_merge`` is the paper's pruning setting: L1-norm filter choice (Li et al. 2017) with uniform ratios, here
+  fitted to the env's budget by one scale factor; no fine-tuning. The env still recalibrates BN statistics before
+  evaluating, as for every method.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from envs.channel_prune import ChannelPruneEnv
+from envs.groups import GroupGraph
+
+from .base import Baseline, fit_to_budget, register
+
+DEFAULT_THRESHOLD = 0.45
+
+
+def _folded_vectors(prod: nn.Module, weight: torch.Tensor, bn: nn.Module | None) -> torch.Tensor:
+    """Rows ``[(gamma/sigma) * w_k, beta - gamma * mu / sigma]`` (BN folded into the filter and its bias)."""
+    w = weight.detach().flatten(1).double()
+    bias = prod.bias.detach().double() if getattr(prod, "bias", None) is not None else torch.zeros(w.shape[0],
+                                                                                                    dtype=w.dtype)
+    if bn is None:
+        return torch.cat([w, bias[:, None]], 1)
+    sigma = (bn.running_var.double() + bn.eps).sqrt()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(sigma)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(sigma)
+    scale = gamma / sigma
+    return torch.cat([w * scale[:, None], (beta + scale * (bias - bn.running_mean.double()))[:, None]], 1)
+
+
+def merge_pairs(vectors: torch.Tensor, kept: Sequence[int], threshold: float = DEFAULT_THRESHOLD
+                ) -> list[tuple[int, int, float]]:
+    """``(pruned j, kept i, scale s)`` for every pruned row j whose most similar kept row i has cos >= threshold."""
+    kept = np.asarray(sorted(int(k) for k in kept), dtype=np.int64)
+    pruned = np.setdiff1d(np.arange(vectors.shape[0]), kept)
+    if len(pruned) == 0 or len(kept) == 0:
+        return []
+    norms = vectors.norm(dim=1)
+    unit = vectors / norms.clamp_min(1e-12)[:, None]
+    sim = unit[torch.as_tensor(pruned)] @ unit[torch.as_tensor(kept)].T  # (pruned, kept)
+    best = sim.argmax(1)
+    out = []
+    for r, j in enumerate(pruned):
+        i = int(kept[int(best[r])])
+        if float(sim[r, best[r]]) >= threshold and norms[i] > 1e-12 and norms[j] > 1e-12:
+            out.append((int(j), i, float(norms[j] / norms[i])))
+    return out
+
+
+def _mergeable(graph: GroupGraph, gi: int) -> bool:
+    g = graph.groups[gi]
+    mods = dict(graph.model.named_modules())
+    if g.kind != "internal" or len(g.producers) != 1 or len(g.consumers) != 1 or g.depthwise or len(g.bns) > 1:
+        return False
+    cons = mods[g.consumers[0]]
+    if isinstance(cons, nn.Conv2d):
+        return cons.groups == 1 and cons.in_channels == g.num_channels
+    return isinstance(cons, nn.Linear) and cons.in_features == g.num_channels
+
+
+@torch.no_grad()
+def merge_compensation(
+    graph: GroupGraph,
+    base_model: nn.Module,
+    pruned_model: nn.Module,
+    keep_idx: Sequence[np.ndarray | Sequence[int]],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> list[int]:
+    """Fold every pruned channel of each block-internal group into its most similar kept one (in place).
+
+    ``keep_idx[g]`` are the base channel indices group g keeps (what ``graph.prune_copy`` was given);
+    ``pruned_model`` is that physically pruned copy of ``base_model``. Returns the number of merged channels per
+    group (0 for skipped groups). The ``compensate`` hook of ``ChannelPruneEnv`` calls this with the default
+    threshold; ``functools.partial(merge_compensation, threshold=t)`` sets another.
+    """
+    if not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold={threshold!r} must be a cosine similarity in [-1, 1]")
+    if len(keep_idx) != len(graph.groups):
+        raise ValueError(f"keep_idx has {len(keep_idx)} entries; expected one per group ({len(graph.groups)})")
+    base = dict(base_model.named_modules())
+    pruned = dict(pruned_model.named_modules())
+    kept_sorted = [np.asarray(sorted(int(k) for k in ks), dtype=np.int64) for ks in keep_idx]
+    merged_w: dict[str, torch.Tensor] = {}  # consumer weights after merging: all output rows, pruned inputs
+    counts = [0] * len(graph.groups)
+
+    def current_weight(name: str) -> torch.Tensor:
+        """A producer's weight as the pruned network computes it (inputs pruned/merged), all output rows."""
+        if name in merged_w:
+            return merged_w[name]
+        w = base[name].weight.detach()
+        ig = graph._in_group.get(name)
+        if ig is not None and w.ndim >= 2 and not (isinstance(base[name], nn.Conv2d) and base[name].groups > 1):
+            w = w[:, torch.as_tensor(kept_sorted[ig])]
+        return w
+
+    for g in graph.groups:
+        if not _mergeable(graph, g.index) or len(kept_sorted[g.index]) == g.num_channels:
+            continue
+        prod_name, cons_name = g.producers[0], g.consumers[0]
+        bn = base[g.bns[0]] if g.bns else None
+        vecs = _folded_vectors(base[prod_name], current_weight(prod_name), bn)
+        pairs = merge_pairs(vecs, kept_sorted[g.index], threshold)
+        cw = base[cons_name].weight.detach()  # consumer's inputs are this group only: not merged before
+        kept_t = torch.as_tensor(kept_sorted[g.index])
+        new = cw[:, kept_t].clone()
+        pos = {int(c): p for p, c in enumerate(kept_sorted[g.index])}
+        for j, i, s in pairs:
+            new[:, pos[i]] += s * cw[:, j]
+        merged_w[cons_name] = new
+        counts[g.index] = len(pairs)
+        # the consumer's own output channels may be pruned by the group it produces
+        og = graph._out_group.get(cons_name)
+        rows = new if og is None else new[torch.as_tensor(kept_sorted[og])]
+        target = pruned[cons_name].weight
+        if target.shape != rows.shape:
+            raise ValueError(f"pruned consumer {cons_name!r} has weight shape {tuple(target.shape)}; expected "
+                             f"{tuple(rows.shape)} from keep_idx (was pruned_model pruned with these indices?)")
+        target.copy_(rows.to(target.dtype))
+    return counts
+
+
+@register("l1_merge")
+class L1Merge(Baseline):
+    """L1 filter choice with uniform ratios fitted to the budget, plus neuron merging (option ``threshold``)."""
+
+    def prepare(self) -> ChannelPruneEnv:
+        t = self.options.get("threshold", DEFAULT_THRESHOLD)
+        if not (isinstance(t, (int, float)) and -1.0 <= t <= 1.0):
+            raise ValueError(f"threshold={t!r} must be a cosine similarity in [-1, 1]")
+        fn = merge_compensation if t == DEFAULT_THRESHOLD else functools.partial(merge_compensation, threshold=t)
+        return self.env.derive(scorer="l1", compensate=fn)
+
+    def plan(self) -> np.ndarray:
+        return fit_to_budget(self.eval_env, np.ones(self.eval_env.n_groups))

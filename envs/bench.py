@@ -1,0 +1,153 @@
+"""Speed benchmark of the environment (``make bench``; numbers go to the README).
+
+    python -m envs.bench --env ChannelPrune-ResNet18 --budget 0.5 --episodes 5 --memory-episodes 300
+
+Prints, for one fixed plan (uniform keep ratios fitted to the budget):
+
+* ``episode``: wall time of a whole env episode (every step, pruning a copy, BN recalibration, evaluation);
+* ``pruned forward + recal``: the same physically pruned net's BN recalibration and reward-split forward alone;
+* ``mask-based``: what AMC-style tools do: the full net with zeroed channels (forward hooks), recalibrated and
+  evaluated on the same data;
+* resident memory (RSS) before and after ``--memory-episodes`` episodes on a small reward/calibration split
+  (memory growth is what matters there, not speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import envs  # noqa: F401 - registers the ids
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _uniform_actions(env) -> list[np.ndarray]:
+    from baselines import make_baseline
+
+    b = make_baseline("uniform", env).setup()
+    return [b.action_for_step(t) for t in range(env.n_groups)]
+
+
+def _episode(env, actions) -> dict:
+    env.reset(seed=0)
+    info = {}
+    for a in actions:
+        _, _, term, trunc, info = env.step(a)
+    return info
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwargs: dict) -> dict:
+    env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
+    actions = _uniform_actions(env)
+    info = _episode(env, actions)  # warm-up
+    kept = info["kept_counts"]
+    t_episode = _timed(lambda: _episode(env, actions), episodes)
+
+    def pruned_only():
+        pruned = env.build_pruned(kept)
+        env.recalibrate_bn(pruned)
+        env.evaluate(pruned)
+
+    def pruned_forward_only():  # the net already built: recalibration + evaluation alone
+        env.recalibrate_bn(net)
+        env.evaluate(net)
+
+    net = env.build_pruned(kept)
+    t_pruned_build = _timed(pruned_only, episodes)
+    t_pruned = _timed(pruned_forward_only, episodes)
+
+    masked = copy.deepcopy(env.base_model)
+    hooks = env.graph.mask_hooks(masked, env.graph.masks(env.kept_channels(kept)))
+
+    def mask_based():
+        env.recalibrate_bn(masked)
+        env.evaluate(masked)
+
+    t_mask = _timed(mask_based, episodes)
+    for h in hooks:
+        h.remove()
+    result = {
+        "env": env_id, "budget": budget, "threads": torch.get_num_threads(),
+        "reward_images": len(env.data.reward), "calib_images": len(env.data.calib),
+        "flops_ratio": info["flops_ratio"], "accuracy": info["accuracy"],
+        "episode_s": t_episode, "pruned_forward_recal_s": t_pruned, "pruned_build_forward_recal_s": t_pruned_build,
+        "mask_based_s": t_mask,
+        "episode_over_pruned_forward": t_episode / t_pruned, "mask_over_episode": t_mask / t_episode,
+    }
+    if memory_episodes > 0:
+        small = gym.make(env_id, budget=budget, **{**env_kwargs, "reward_size": 64, "calib_size": 64}).unwrapped
+        acts = _uniform_actions(small)
+        rss = []
+        for i in range(memory_episodes):
+            rng = np.random.default_rng(i)
+            small.reset(seed=i)
+            for _ in range(small.n_groups):
+                small.step(rng.uniform(-1, 1, small.action_space.shape).astype(np.float32))
+            if i in (9, memory_episodes // 2, memory_episodes - 1):
+                rss.append(_rss_mb())
+        del acts
+        result.update({"memory_episodes": memory_episodes, "rss_mb_after_10": rss[0], "rss_mb_mid": rss[1],
+                       "rss_mb_end": rss[-1], "rss_growth_mb_10_to_end": rss[-1] - rss[0]})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="ChannelPrune-ResNet18")
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--episodes", type=int, default=5, help="timed repeats (median)")
+    p.add_argument("--memory-episodes", type=int, default=300)
+    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
+    p.add_argument("--out", default=None, help="also write the result as JSON here")
+    args = p.parse_args(argv)
+    import yaml
+
+    kwargs = {}
+    for kv in args.env_kwargs:
+        if "=" not in kv:
+            raise SystemExit(f"--env-kwargs entries look like key=value; got {kv!r}")
+        k, v = kv.split("=", 1)
+        kwargs[k] = yaml.safe_load(v)
+    res = run(args.env, args.budget, args.episodes, args.memory_episodes, kwargs)
+    print(f"{args.env} at {args.budget:.0%} FLOPs, reward split {res['reward_images']} images, "
+          f"calibration {res['calib_images']}, {res['threads']} threads")
+    print(f"  episode (all steps + prune + recal + eval):  {res['episode_s']:.2f} s")
+    print(f"  pruned net recal + forward alone:           {res['pruned_forward_recal_s']:.2f} s "
+          f"(episode / this = {res['episode_over_pruned_forward']:.2f}x)")
+    print(f"  mask-based (full net, zeroed channels):      {res['mask_based_s']:.2f} s "
+          f"(mask / episode = {res['mask_over_episode']:.2f}x)")
+    if "rss_mb_end" in res:
+        print(f"  RSS over {res['memory_episodes']} episodes: {res['rss_mb_after_10']:.0f} MB after 10 -> "
+              f"{res['rss_mb_end']:.0f} MB at the end ({res['rss_growth_mb_10_to_end']:+.0f} MB)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
