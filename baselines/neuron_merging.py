@@ -43,39 +43,58 @@ from envs.groups import GroupGraph
 
 from .base import Baseline, fit_to_budget, register
 
-DEFAULT_THRESHOLD = 0.45
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_LAMBDA = 0.85
 
 
-def _folded_vectors(prod: nn.Module, weight: torch.Tensor, bn: nn.Module | None) -> torch.Tensor:
-    """Rows ``[(gamma/sigma) * w_k, beta - gamma * mu / sigma]`` (BN folded into the filter and its bias)."""
+def folded_filters(prod: nn.Module, weight: torch.Tensor, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN folded into the producer: rows ``(gamma/sigma) * w_k`` and biases ``beta - gamma * (mu - b_k) / sigma``."""
     w = weight.detach().flatten(1).double()
     bias = prod.bias.detach().double() if getattr(prod, "bias", None) is not None else torch.zeros(w.shape[0],
                                                                                                     dtype=w.dtype)
     if bn is None:
-        return torch.cat([w, bias[:, None]], 1)
+        return w, bias
     sigma = (bn.running_var.double() + bn.eps).sqrt()
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(sigma)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(sigma)
     scale = gamma / sigma
-    return torch.cat([w * scale[:, None], (beta + scale * (bias - bn.running_mean.double()))[:, None]], 1)
+    return w * scale[:, None], beta + scale * (bias - bn.running_mean.double())
 
 
-def merge_pairs(vectors: torch.Tensor, kept: Sequence[int], threshold: float = DEFAULT_THRESHOLD
-                ) -> list[tuple[int, int, float]]:
-    """``(pruned j, kept i, scale s)`` for every pruned row j whose most similar kept row i has cos >= threshold."""
+def merge_pairs(
+    filters: torch.Tensor,
+    biases: torch.Tensor,
+    kept: Sequence[int],
+    threshold: float = DEFAULT_THRESHOLD,
+    lam: float = DEFAULT_LAMBDA,
+) -> list[tuple[int, int, float]]:
+    """The paper's decomposition: ``(pruned j, kept i, scale s)`` for every pruned channel that is merged.
+
+    ``filters`` (C, D) and ``biases`` (C,) are BN-folded. For pruned j and each kept i: cosine distance
+    ``1 - cos(f_j, f_i)``, scale ``s = ||f_j|| / ||f_i||`` and bias mismatch ``|b_j - s * b_i| / s`` (the bias left
+    over when ``z_j`` is replaced by ``s * z_i``, in units of ``z_i``), min-max normalized over the candidates. The
+    partner minimizes ``lam * cos distance + (1 - lam) * bias mismatch``; it is merged if its cosine similarity is
+    at least ``threshold``.
+    """
     kept = np.asarray(sorted(int(k) for k in kept), dtype=np.int64)
-    pruned = np.setdiff1d(np.arange(vectors.shape[0]), kept)
+    pruned = np.setdiff1d(np.arange(filters.shape[0]), kept)
     if len(pruned) == 0 or len(kept) == 0:
         return []
-    norms = vectors.norm(dim=1)
-    unit = vectors / norms.clamp_min(1e-12)[:, None]
-    sim = unit[torch.as_tensor(pruned)] @ unit[torch.as_tensor(kept)].T  # (pruned, kept)
-    best = sim.argmax(1)
+    norms = filters.norm(dim=1)
+    unit = filters / norms.clamp_min(1e-12)[:, None]
+    kt, pt = torch.as_tensor(kept), torch.as_tensor(pruned)
+    cos = unit[pt] @ unit[kt].T  # (pruned, kept)
+    scale = norms[pt][:, None] / norms[kt][None, :].clamp_min(1e-12)
+    mismatch = (biases[pt][:, None] - scale * biases[kt][None, :]).abs() / scale.clamp_min(1e-12)
+    lo, hi = mismatch.min(1, keepdim=True).values, mismatch.max(1, keepdim=True).values
+    mismatch = (mismatch - lo) / (hi - lo).clamp_min(1e-12)
+    score = lam * (1.0 - cos) + (1.0 - lam) * mismatch
+    best = score.argmin(1)
     out = []
     for r, j in enumerate(pruned):
-        i = int(kept[int(best[r])])
-        if float(sim[r, best[r]]) >= threshold and norms[i] > 1e-12 and norms[j] > 1e-12:
-            out.append((int(j), i, float(norms[j] / norms[i])))
+        c = int(best[r])
+        if float(cos[r, c]) >= threshold and norms[kt[c]] > 1e-12 and norms[j] > 1e-12:
+            out.append((int(j), int(kept[c]), float(scale[r, c])))
     return out
 
 
@@ -97,6 +116,7 @@ def merge_compensation(
     pruned_model: nn.Module,
     keep_idx: Sequence[np.ndarray | Sequence[int]],
     threshold: float = DEFAULT_THRESHOLD,
+    lam: float = DEFAULT_LAMBDA,
 ) -> list[int]:
     """Fold every pruned channel of each block-internal group into its most similar kept one (in place).
 
@@ -130,8 +150,8 @@ def merge_compensation(
             continue
         prod_name, cons_name = g.producers[0], g.consumers[0]
         bn = base[g.bns[0]] if g.bns else None
-        vecs = _folded_vectors(base[prod_name], current_weight(prod_name), bn)
-        pairs = merge_pairs(vecs, kept_sorted[g.index], threshold)
+        filt, bias = folded_filters(base[prod_name], current_weight(prod_name), bn)
+        pairs = merge_pairs(filt, bias, kept_sorted[g.index], threshold, lam)
         cw = base[cons_name].weight.detach()  # consumer's inputs are this group only: not merged before
         kept_t = torch.as_tensor(kept_sorted[g.index])
         new = cw[:, kept_t].clone()

@@ -1,0 +1,120 @@
+"""Training callbacks: per-episode log (CSV + TensorBoard), the best episode as ``best.json``, progress, stopping.
+
+The env reports an episode's result in the ``info`` of its last step (accuracy, FLOPs / params / effective-FLOPs
+ratios, keep ratios, ...). SB3 exposes the step's ``infos`` and ``dones`` to callbacks through ``self.locals``;
+:class:`EpisodeRecorder` reads every finished episode from there, appends it to ``episodes.csv``, and rewrites
+``best.json`` (atomically) as soon as an episode beats the best reward so far, so an interrupted run keeps it.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from tqdm.auto import tqdm
+
+from .common import BEST_FILE, EPISODES_FILE, write_json_atomic
+
+CSV_FIELDS = ("episode", "timesteps", "env", "reward", "accuracy", "flops_ratio", "params_ratio",
+              "effective_flops_ratio", "clamp_total", "seconds")
+BEST_KEYS = ("accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops_ratio", "latency_ratio",
+             "budget_excess", "keep_ratios", "runtime_ratios", "kept_counts", "requested_ratios", "clamp_total")
+
+
+class EpisodeRecorder(BaseCallback):
+    """Record finished episodes; keep the best one in ``best.json``; stop after ``max_episodes``.
+
+    Args:
+        run_dir: where ``episodes.csv``, ``best.json`` and ``tb/episodes`` go.
+        meta: fields copied into ``best.json`` (env id and kwargs, algo, seed, min_keep, mode, ...).
+        max_episodes: stop training once this many episodes have finished (None: the timestep budget decides).
+        total_timesteps: the timestep budget (for the progress bar when ``max_episodes`` is None).
+        progress: show a tqdm bar (episodes, or timesteps).
+        tensorboard: also write per-episode scalars (reward, accuracy, flops_ratio) under ``tb/episodes``.
+    """
+
+    def __init__(self, run_dir: Path, meta: dict[str, Any], max_episodes: int | None = None,
+                 total_timesteps: int | None = None, progress: bool = True, tensorboard: bool = True):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.meta = dict(meta)
+        self.max_episodes, self.total_timesteps = max_episodes, total_timesteps
+        self.progress, self.tensorboard = progress, tensorboard
+        self.episodes = 0
+        self.best: dict[str, Any] | None = None
+        self.rewards: list[float] = []
+        self._csv = self._writer = self._tb = self._bar = None
+        self._t0 = time.perf_counter()
+
+    # -- lifecycle
+    def _on_training_start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._csv = open(self.run_dir / EPISODES_FILE, "w", newline="")
+        self._writer = csv.DictWriter(self._csv, fieldnames=CSV_FIELDS)
+        self._writer.writeheader()
+        self._csv.flush()
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb" / "episodes"))
+        by_episode = self.max_episodes is not None
+        self._bar = tqdm(total=self.max_episodes if by_episode else self.total_timesteps, disable=not self.progress,
+                         unit="ep" if by_episode else "step", desc=f"{self.meta.get('algo', '')} "
+                         f"{self.meta.get('env_id', '')}", dynamic_ncols=True, leave=True)
+
+    def _on_training_end(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._csv is not None:
+            self._csv.close()
+            self._csv = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # -- per step
+    def _on_step(self) -> bool:
+        dones = np.asarray(self.locals.get("dones", []))
+        infos = self.locals.get("infos", [])
+        rewards = np.asarray(self.locals.get("rewards", np.zeros(len(dones))))
+        if self.max_episodes is None and self._bar is not None:
+            self._bar.update(len(dones))
+        for i in np.flatnonzero(dones):
+            info = infos[i]
+            if "accuracy" not in info:  # not a ChannelPruneEnv episode end (should not happen)
+                continue
+            ep = info.get("episode")
+            reward = float(ep["r"]) if ep is not None else float(info.get("raw_reward", rewards[i]))
+            self._record(int(i), reward, info)
+            if self.max_episodes is not None and self._bar is not None:
+                self._bar.update(1)
+        return self.max_episodes is None or self.episodes < self.max_episodes
+
+    def _record(self, env_index: int, reward: float, info: dict[str, Any]) -> None:
+        self.episodes += 1
+        self.rewards.append(reward)
+        row = {"episode": self.episodes, "timesteps": self.num_timesteps, "env": env_index, "reward": reward,
+               "accuracy": info.get("accuracy"), "flops_ratio": info.get("flops_ratio"),
+               "params_ratio": info.get("params_ratio"), "effective_flops_ratio": info.get("effective_flops_ratio"),
+               "clamp_total": info.get("clamp_total"), "seconds": round(time.perf_counter() - self._t0, 3)}
+        self._writer.writerow(row)
+        self._csv.flush()
+        if self._tb is not None:
+            for key in ("reward", "accuracy", "flops_ratio", "effective_flops_ratio"):
+                if row[key] is not None:
+                    self._tb.add_scalar(f"episode/{key}", float(row[key]), self.episodes)
+        if self.best is None or reward > self.best["reward"]:
+            self.best = {**self.meta, "episode": self.episodes, "timesteps": self.num_timesteps, "reward": reward,
+                         **{k: info[k] for k in BEST_KEYS if k in info}}
+            write_json_atomic(self.run_dir / BEST_FILE, self.best)
+            if self._bar is not None:
+                self._bar.set_postfix(best=f"{reward:.4f}", acc=f"{info.get('accuracy', float('nan')):.4f}",
+                                      flops=f"{info.get('flops_ratio', float('nan')):.3f}", refresh=False)

@@ -1,0 +1,177 @@
+"""Shared helpers of the agents package: argument checks, env factories, JSON-safe env kwargs, file writing."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import gymnasium as gym
+import yaml
+
+import envs  # noqa: F401  (registers the ChannelPrune-* ids)
+from envs import ENV_IDS
+from envs.channel_prune import ChannelPruneEnv
+
+from .algos import ALGOS
+
+BEST_FILE = "best.json"
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.zip"
+EPISODES_FILE = "episodes.csv"
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def check_algo(algo: str) -> str:
+    if algo not in ALGOS:
+        raise ValueError(f"algo={algo!r} is not allowed; allowed: {', '.join(ALGOS)}")
+    return algo
+
+
+def check_env_id(env_id: str) -> str:
+    if env_id not in ENV_IDS:
+        raise ValueError(f"env_id={env_id!r} is not a ChannelPrune environment; allowed: {', '.join(ENV_IDS)}")
+    return env_id
+
+
+def env_kwarg_names() -> list[str]:
+    """The keyword arguments ``ChannelPruneEnv`` accepts (what ``gym.make(id, **kwargs)`` forwards to it)."""
+    params = inspect.signature(ChannelPruneEnv.__init__).parameters
+    return [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_env_kwargs(env_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Reject unknown keys before anything is built (gym.make would fail only after loading the data)."""
+    env_kwargs = dict(env_kwargs or {})
+    allowed = env_kwarg_names()
+    bad = [k for k in env_kwargs if k not in allowed]
+    if bad:
+        raise ValueError(f"unknown env kwarg(s) {', '.join(map(repr, bad))}; ChannelPruneEnv accepts: "
+                         f"{', '.join(allowed)}")
+    return env_kwargs
+
+
+def parse_key_values(items: Sequence[str] | None, what: str = "--env-kwargs") -> dict[str, Any]:
+    """``["budget=0.5", "width=0.5"]`` -> ``{"budget": 0.5, "width": 0.5}``; values parsed with yaml.safe_load."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what}: {item!r} is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{what}: cannot parse the value of {item!r}: {exc}") from exc
+    return out
+
+
+def check_writable_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` and prove a file can be written there; a clear ValueError otherwise."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True):
+            pass
+    except OSError as exc:
+        raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc}); choose "
+                         "another --out") from exc
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ serialization
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def split_serializable(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the JSON-safe kwargs, {key: type name} of the rest) — a DatasetSplits or an nn.Module is not written."""
+    ok, skipped = {}, {}
+    for k, v in kwargs.items():
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if _jsonable(v):
+            ok[k] = v
+        else:
+            skipped[k] = f"{type(v).__module__}.{type(v).__qualname__}"
+    return ok, skipped
+
+
+def to_builtin(value: Any) -> Any:
+    """numpy scalars / arrays / tuples -> JSON- and yaml-safe Python values (others -> repr)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_builtin(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool):
+        return value
+    for kind in (int, float, str):  # plain types (torch.__version__ is a str subclass yaml cannot write)
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write-then-rename, so a reader (or an interrupted run) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_builtin(data), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    path.write_text(yaml.safe_dump(to_builtin(data), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------ envs
+@dataclass
+class EnvFactory:
+    """Picklable env constructor for (Subproc|Dummy)VecEnv: ``gym.make`` + Monitor (+ on-policy reward baseline).
+
+    ``single_thread`` (set for SubprocVecEnv workers) pins torch to one thread per worker: K workers on K cores
+    would otherwise each start a full OpenMP pool and contend.
+    """
+
+    env_id: str
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    single_thread: bool = False
+    baseline_alpha: float | None = None  # set: wrap in EpisodeBaselineWrapper (on-policy episode-level reward)
+
+    def __call__(self) -> gym.Env:
+        if self.single_thread:
+            import torch
+
+            torch.set_num_threads(1)
+        from stable_baselines3.common.monitor import Monitor
+
+        env = Monitor(gym.make(self.env_id, **self.env_kwargs))
+        if self.baseline_alpha is not None:
+            from .episode_reward import EpisodeBaselineWrapper
+
+            env = EpisodeBaselineWrapper(env, alpha=self.baseline_alpha)
+        return env
+
+
+def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, baseline_alpha: float | None = None,
+                 start_method: str | None = None):
+    """DummyVecEnv for one env, SubprocVecEnv (one torch thread per worker) for several."""
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    if n_envs == 1:
+        return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, baseline_alpha)])
+    return SubprocVecEnv([EnvFactory(env_id, env_kwargs, True, baseline_alpha) for _ in range(n_envs)],
+                         start_method=start_method)

@@ -1,0 +1,216 @@
+"""Train an SB3 agent on a ChannelPrune environment.
+
+    python -m agents.train --algo ppo --env ChannelPrune-ResNet18 --env-kwargs budget=0.5 --episodes 200
+    python -m agents.train --algo ddpg --env ChannelPrune-ResNet20 --env-kwargs width=0.5 reward_size=200 \\
+        --episodes 150 --n-envs 2 --seed 1 --out runs/ddpg-r20
+
+Hyperparameters come from ``agents/presets.yaml`` (``default`` block, overridden by the env id's block;
+``--hyperparams key=value`` overrides both). The run directory gets:
+
+* ``model.zip``: the SB3 model (saved at the end, also after Ctrl-C);
+* ``config.yaml``: algo, env id and kwargs, seed, n_envs, budget and the resolved hyperparameters;
+* ``best.json``: the best episode so far (keep / runtime ratios per group, accuracy, FLOPs / params /
+  effective-FLOPs ratios, reward, seed, env id and kwargs, min_keep), rewritten whenever it improves; it is a
+  policy itself (:class:`agents.policy.BestPolicy`);
+* ``episodes.csv``: one row per episode (episode, reward, accuracy, flops_ratio, ...) for reward curves;
+* ``tb/``: TensorBoard logs (SB3's training scalars and per-episode reward / accuracy / FLOPs).
+
+Env kwargs that cannot be written to JSON (a ``DatasetSplits``, an ``nn.Module``) are used but not recorded;
+``best.json`` and ``config.yaml`` list them with their type under ``env_kwargs_skipped``.
+
+``--n-envs K`` collects with K SubprocVecEnv workers (one torch thread each). Episodes are counted over all
+workers. ``--episode-reward`` switches on AMC's episode-level reward assignment (see
+:mod:`agents.episode_reward`); the DDPG preset has it on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import stable_baselines3
+import torch
+
+from envs.channel_prune import ChannelPruneEnv
+
+from .algos import ALGOS, ON_POLICY
+from .callbacks import EpisodeRecorder
+from .common import (BEST_FILE, CONFIG_FILE, MODEL_FILE, check_algo, check_env_id, check_env_kwargs,
+                     check_writable_dir, make_vec_env, parse_key_values, split_serializable, write_yaml)
+from .presets import check_keys, get_preset, load_presets, resolve
+
+DEFAULT_EPISODES = 100
+
+
+def _check_env_values(env_kwargs: dict[str, Any]) -> None:
+    """Run the env's own argument checks before any worker starts (a worker's error would surface as EOFError)."""
+    params = inspect.signature(ChannelPruneEnv.__init__).parameters
+    names = inspect.signature(ChannelPruneEnv._check_args).parameters
+    args = {n: env_kwargs.get(n, params[n].default) for n in names if n in params}
+    ChannelPruneEnv._check_args(**args)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int,)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def default_run_dir(algo: str, env_id: str, seed: int) -> Path:
+    return Path("runs") / env_id / f"{algo}_s{seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(
+    algo: str,
+    env_id: str,
+    env_kwargs: dict[str, Any] | None = None,
+    episodes: int | None = None,
+    timesteps: int | None = None,
+    n_envs: int = 1,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+    episode_reward: bool | None = None,
+    presets: str | Path | dict | None = None,
+    tensorboard: bool = True,
+    verbose: int = 0,
+    **overrides: Any,
+) -> Path:
+    """Train ``algo`` on ``env_id`` and return the run directory.
+
+    Args:
+        algo: one of ppo, sac, td3, ddpg, a2c.
+        env_id: a registered ChannelPrune id; ``env_kwargs`` go to ``ChannelPruneEnv`` (checked first).
+        episodes / timesteps: the budget (one of them; default ``DEFAULT_EPISODES`` episodes). Episodes are
+            counted over all envs; training stops right after the episode that reaches the count.
+        n_envs: parallel envs (SubprocVecEnv when > 1).
+        seed: seeds SB3 (networks, exploration, env resets).
+        out: run directory (created; must be writable). Default ``runs/<env id>/<algo>_s<seed>_<time>``.
+        progress: tqdm progress bar.
+        episode_reward: AMC's episode-level reward assignment (None: the preset's choice).
+        presets: a preset file or dict instead of the packaged ``agents/presets.yaml``.
+        tensorboard: write TensorBoard logs under ``<out>/tb``.
+        **overrides: hyperparameters overriding the preset (SB3 arguments or preset keys such as
+            ``warmup_episodes``).
+    """
+    check_algo(algo)
+    check_env_id(env_id)
+    env_kwargs = check_env_kwargs(env_kwargs)
+    _check_env_values(env_kwargs)
+    if episodes is not None and timesteps is not None:
+        raise ValueError(f"give episodes={episodes!r} or timesteps={timesteps!r}, not both")
+    if episodes is None and timesteps is None:
+        episodes = DEFAULT_EPISODES
+    if episodes is not None:
+        episodes = _positive_int(episodes, "episodes")
+    if timesteps is not None:
+        timesteps = _positive_int(timesteps, "timesteps")
+    n_envs = _positive_int(n_envs, "n_envs")
+    table = presets if isinstance(presets, dict) else load_presets(presets)
+    hp = get_preset(algo, env_id, table)
+    check_keys(algo, hp, f"preset for {env_id}/{algo}")
+    check_keys(algo, overrides, "overrides")
+    hp.update(overrides)
+    if episode_reward is not None:
+        hp["episode_reward"] = bool(episode_reward)
+    run_dir = check_writable_dir(out if out is not None else default_run_dir(algo, env_id, seed))
+    for stale in (BEST_FILE, MODEL_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+
+    er = bool(hp.get("episode_reward", False))
+    alpha = float(hp.get("baseline_alpha", 0.5))
+    vec_env = make_vec_env(env_id, env_kwargs, n_envs, baseline_alpha=alpha if er and algo in ON_POLICY else None)
+    try:
+        attrs = {k: vec_env.get_attr(k, indices=0)[0]
+                 for k in ("n_groups", "min_keep", "mode", "budget", "target", "round_to", "storage_budget")}
+        groups = vec_env.get_attr("groups", indices=0)[0]
+        n_groups = int(attrs["n_groups"])
+        res = resolve(algo, hp, episode_len=n_groups, n_envs=n_envs, action_dim=int(vec_env.action_space.shape[0]))
+        kw_ok, kw_skipped = split_serializable(env_kwargs)
+        meta = {"env_id": env_id, "env_kwargs": kw_ok, "env_kwargs_skipped": kw_skipped, "algo": algo, "seed": seed,
+                **attrs, "group_names": [g.name for g in groups]}
+        config = {"algo": algo, "env_id": env_id, "env_kwargs": kw_ok, "env_kwargs_skipped": kw_skipped,
+                  "seed": seed, "n_envs": n_envs, "episodes": episodes, "timesteps": timesteps,
+                  "episode_len": n_groups, "hyperparams": res.record,
+                  "versions": {"stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__},
+                  "status": "running"}
+        write_yaml(run_dir / CONFIG_FILE, config)
+
+        model = ALGOS[algo](env=vec_env, seed=seed, verbose=verbose,
+                            tensorboard_log=str(run_dir / "tb") if tensorboard else None, **res.kwargs)
+        total = episodes * n_groups if episodes is not None else timesteps
+        recorder = EpisodeRecorder(run_dir, meta, max_episodes=episodes, total_timesteps=total, progress=progress,
+                                   tensorboard=tensorboard)
+        t0 = time.perf_counter()
+        status = "finished"
+        try:
+            model.learn(total_timesteps=total, callback=recorder, tb_log_name=algo, progress_bar=False)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            recorder.close()
+            model.save(run_dir / MODEL_FILE)
+            config.update(status=status, episodes_done=recorder.episodes, timesteps_done=int(model.num_timesteps),
+                          train_seconds=round(time.perf_counter() - t0, 2))
+            write_yaml(run_dir / CONFIG_FILE, config)
+    finally:
+        vec_env.close()
+    return run_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agents.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", required=True, help=f"one of: {', '.join(ALGOS)}")
+    p.add_argument("--env", required=True, help="a ChannelPrune env id, e.g. ChannelPrune-ResNet18")
+    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="ChannelPruneEnv arguments, values parsed as YAML (budget=0.5 width=0.5 reward_size=200)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--episodes", type=int, help=f"episodes over all envs (default {DEFAULT_EPISODES})")
+    budget.add_argument("--timesteps", type=int, help="environment steps over all envs")
+    p.add_argument("--n-envs", type=int, default=1, help="parallel envs (SubprocVecEnv, one torch thread each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run directory (default runs/<env>/<algo>_s<seed>_<time>)")
+    p.add_argument("--episode-reward", action=argparse.BooleanOptionalAction, default=None,
+                   help="AMC's episode-level reward assignment (default: the preset's; on for ddpg)")
+    p.add_argument("--hyperparams", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override preset hyperparameters, values parsed as YAML (learning_rate=1e-3)")
+    p.add_argument("--presets", help="a preset file instead of the packaged agents/presets.yaml")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
+    p.add_argument("--verbose", type=int, default=0, help="SB3 verbosity (0, 1, 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        env_kwargs = parse_key_values(args.env_kwargs, "--env-kwargs")
+        overrides = parse_key_values(args.hyperparams, "--hyperparams")
+        run_dir = train(args.algo, args.env, env_kwargs, episodes=args.episodes, timesteps=args.timesteps,
+                        n_envs=args.n_envs, seed=args.seed, out=args.out, progress=not args.no_progress,
+                        episode_reward=args.episode_reward, presets=args.presets,
+                        tensorboard=not args.no_tensorboard, verbose=args.verbose, **overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the model and best.json so far are saved in the run directory", file=sys.stderr)
+        return 130
+    import json
+
+    best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
+    print(f"run directory: {run_dir}")
+    if best:
+        print(f"best episode {best['episode']}: reward {best['reward']:.4f}  accuracy {best['accuracy']:.4f}  "
+              f"flops_ratio {best['flops_ratio']:.4f}  params_ratio {best['params_ratio']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
