@@ -39,8 +39,11 @@ class _AMCMixin:
         unscaled, _ = self.predict(self._last_obs, deterministic=True)
         scaled = self.policy.scale_action(unscaled)
         if isinstance(action_noise, VectorizedActionNoise):
+            for noise in action_noise.noises:
+                noise.episode = self._episode_num  # AMC's schedule counts episodes, over all envs
             noisy = np.stack([noise.around(scaled[i]) for i, noise in enumerate(action_noise.noises)])
         else:
+            action_noise.episode = self._episode_num
             noisy = action_noise.around(scaled)
         return self.policy.unscale_action(noisy), noisy
 

@@ -91,8 +91,10 @@ class EpisodeRecorder(BaseCallback):
             info = infos[i]
             if "accuracy" not in info:  # not a ChannelPruneEnv episode end (should not happen)
                 continue
-            ep = info.get("episode")
-            reward = float(ep["r"]) if ep is not None else float(info.get("raw_reward", rewards[i]))
+            if "episode_return" in info:  # exact (agents.common.EpisodeReturnInfo)
+                reward = float(info["episode_return"])
+            else:  # Monitor's (rounded) return, else the vec env's float32 step reward
+                reward = float(info["episode"]["r"]) if "episode" in info else float(rewards[i])
             self._record(int(i), reward, info)
             if self.max_episodes is not None and self._bar is not None:
                 self._bar.update(1)

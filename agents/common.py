@@ -138,9 +138,29 @@ def write_yaml(path: Path, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ envs
+class EpisodeReturnInfo(gym.Wrapper):
+    """Put the episode's exact return (a Python float) in the last step's ``info["episode_return"]``.
+
+    SB3's Monitor rounds its ``info["episode"]["r"]`` to 6 decimals and VecEnvs store rewards as float32; best.json
+    records this exact value so that replaying it gives back the same number.
+    """
+
+    def reset(self, **kwargs):
+        self._return = 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._return = getattr(self, "_return", 0.0) + float(reward)
+        if terminated or truncated:
+            info = dict(info, episode_return=self._return)
+        return obs, reward, terminated, truncated, info
+
+
 @dataclass
 class EnvFactory:
-    """Picklable env constructor for (Subproc|Dummy)VecEnv: ``gym.make`` + Monitor (+ on-policy reward baseline).
+    """Picklable env constructor for (Subproc|Dummy)VecEnv: ``gym.make`` + exact return in the info + Monitor
+    (+ the on-policy episode-reward baseline).
 
     ``single_thread`` (set for SubprocVecEnv workers) pins torch to one thread per worker: K workers on K cores
     would otherwise each start a full OpenMP pool and contend.
@@ -158,7 +178,7 @@ class EnvFactory:
             torch.set_num_threads(1)
         from stable_baselines3.common.monitor import Monitor
 
-        env = Monitor(gym.make(self.env_id, **self.env_kwargs))
+        env = Monitor(EpisodeReturnInfo(gym.make(self.env_id, **self.env_kwargs)))
         if self.baseline_alpha is not None:
             from .episode_reward import EpisodeBaselineWrapper
 

@@ -10,9 +10,10 @@ algorithms in :mod:`agents.algos` therefore call :meth:`TruncatedNormalActionNoi
 (scaled) action, which samples the truncated normal exactly; plain ``noise()`` (used by stock SB3 algorithms)
 falls back to a zero-mean normal truncated to ``[-sigma_clip, sigma_clip]`` with ``sigma_clip = hi - lo``.
 
-Deviation: AMC decays sigma from the end of the warm-up; here the decay starts after ``warmup_resets`` resets of
-the noise (SB3 resets the noise at every episode end, warm-up episodes included), which is the same schedule when
-``warmup_resets`` is the number of warm-up episodes per environment.
+The schedule is AMC's: in episode ``e`` (0-based, counted over all envs) after ``warmup_episodes`` random ones,
+``sigma = sigma0 * decay ** (e - warmup_episodes)``. The algorithms in :mod:`agents.algos` set the episode index
+from SB3's episode counter before sampling. Used by a stock SB3 algorithm, the noise counts its ``reset()`` calls
+instead, which SB3 makes at every episode end but also once at the start of ``learn()`` (one decay step early).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ class TruncatedNormalActionNoise(ActionNoise):
         size: action dimension.
         sigma: initial standard deviation (in the scaled action space [-1, 1]).
         decay: sigma is multiplied by this after every episode past the warm-up (AMC: 0.95).
-        warmup_resets: number of episode ends before the decay starts (the warm-up episodes per env).
+        warmup_episodes: random warm-up episodes (over all envs) before the decay starts.
         low / high: truncation bounds of the scaled action (SB3's scaled space is [-1, 1]).
         min_sigma: floor of the decayed sigma.
     """
 
-    def __init__(self, size: int = 1, sigma: float = 0.5, decay: float = 0.95, warmup_resets: int = 0,
+    def __init__(self, size: int = 1, sigma: float = 0.5, decay: float = 0.95, warmup_episodes: int = 0,
                  low: float = -1.0, high: float = 1.0, min_sigma: float = 0.0):
         if not (sigma >= 0 and np.isfinite(sigma)):
             raise ValueError(f"sigma={sigma!r} must be a finite number >= 0")
@@ -44,17 +45,22 @@ class TruncatedNormalActionNoise(ActionNoise):
             raise ValueError(f"low={low!r} must be < high={high!r}")
         super().__init__()
         self.size, self.sigma0, self.decay = int(size), float(sigma), float(decay)
-        self.warmup_resets, self.low, self.high, self.min_sigma = int(warmup_resets), float(low), float(high), float(min_sigma)
-        self.resets = 0
+        self.warmup_episodes, self.low, self.high = int(warmup_episodes), float(low), float(high)
+        self.min_sigma = float(min_sigma)
+        self.episode = 0  # index of the current episode (set by agents.algos; else counted by reset())
+
+    def sigma_at(self, episode: int) -> float:
+        """``sigma0 * decay ** (episode - warmup_episodes)``, sigma0 during the warm-up, at least ``min_sigma``."""
+        return max(self.min_sigma, self.sigma0 * self.decay ** max(0, int(episode) - self.warmup_episodes))
 
     @property
     def sigma(self) -> float:
-        """The current standard deviation: ``sigma0 * decay ** (episodes past the warm-up)``."""
-        return max(self.min_sigma, self.sigma0 * self.decay ** max(0, self.resets - self.warmup_resets))
+        """The standard deviation for the current episode."""
+        return self.sigma_at(self.episode)
 
     def reset(self) -> None:
-        """Called by SB3 at each episode end: one more decay step once the warm-up is over."""
-        self.resets += 1
+        """Called by SB3 at each episode end (and at the start of ``learn``)."""
+        self.episode += 1
 
     def _truncated(self, mu: np.ndarray, lo: float | np.ndarray, hi: float | np.ndarray) -> np.ndarray:
         # inverse-CDF sampling from SB3's global numpy RNG (seeded by the algorithm's seed)
@@ -78,4 +84,4 @@ class TruncatedNormalActionNoise(ActionNoise):
 
     def __repr__(self) -> str:
         return (f"TruncatedNormalActionNoise(sigma={self.sigma0}, decay={self.decay}, "
-                f"warmup_resets={self.warmup_resets}, now={self.sigma:.4f})")
+                f"warmup_episodes={self.warmup_episodes}, now={self.sigma:.4f})")

@@ -163,6 +163,6 @@ def make_noise(spec: dict[str, Any], action_dim: int, episode_len: int, n_envs: 
     if any(k not in allowed for k in spec):
         raise ValueError(f"noise: unknown key(s) {sorted(set(spec) - set(allowed))} for type 'truncated_normal'; "
                          f"allowed: {', '.join(allowed)}")
-    # SB3 resets each env's copy of the noise at that env's episode ends: warm-up episodes per env
-    warm = math.ceil(learning_starts / max(episode_len * n_envs, 1))
-    return TruncatedNormalActionNoise(size=action_dim, warmup_resets=warm, **spec)
+    # the decay starts after the random warm-up (counted in episodes over all envs)
+    warm = math.ceil(learning_starts / max(episode_len, 1))
+    return TruncatedNormalActionNoise(size=action_dim, warmup_episodes=warm, **spec)

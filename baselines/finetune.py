@@ -46,6 +46,14 @@ def check_positive(name: str, value, integer: bool = False, allow_zero: bool = F
         raise ValueError(f"{name}={value!r} must be a {'non-negative' if allow_zero else 'positive'} {kind}")
 
 
+def merge_options(method: str, options: dict, defaults: dict) -> dict:
+    """``defaults`` updated with ``options``; ValueError naming any option the method does not know."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"{method}: unknown option(s) {unknown}; allowed: {', '.join(sorted(defaults))}")
+    return {**defaults, **options}
+
+
 def finetune(
     env: ChannelPruneEnv,
     steps: int,
@@ -70,7 +78,8 @@ def finetune(
     """
     check_positive("steps", steps, integer=True)
     check_positive("batch_size", batch_size, integer=True)
-    model = copy.deepcopy(env.base_model)
+    # channels-last convolutions train 3-4x faster on CPU (measured on ResNet-18; the pretraining does the same)
+    model = copy.deepcopy(env.base_model).to(memory_format=torch.channels_last)
     model.train()
     if before is not None:
         with torch.no_grad():
@@ -79,8 +88,8 @@ def finetune(
         def optimizers(m: nn.Module) -> list[torch.optim.Optimizer]:
             decay = [p for p in m.parameters() if p.ndim > 1]
             rest = [p for p in m.parameters() if p.ndim <= 1]
-            return [torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
-                                    lr=lr, momentum=0.9)]
+            groups = [{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}]
+            return [torch.optim.SGD(groups, lr=lr, momentum=0.9)]
     opts = optimizers(model)
     torch.manual_seed(seed)  # for any randomness inside the model (none in the zoo; cheap insurance)
     gen = torch.Generator().manual_seed(seed)
@@ -89,7 +98,7 @@ def finetune(
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", mininterval=2.0, file=sys.stderr)
     for i in bar:
         idx = torch.randint(0, n, (batch_size,), generator=gen)
-        x, y = train.x[idx], train.y[idx]
+        x, y = train.x[idx].contiguous(memory_format=torch.channels_last), train.y[idx]
         loss = F.cross_entropy(model(x), y)
         total = loss + penalty(model) if penalty is not None else loss
         for o in opts:
@@ -102,7 +111,7 @@ def finetune(
                 after_step(model)
         if i % 10 == 0:
             bar.set_postfix(ce=f"{loss.item():.3f}", total=f"{total.item():.3f}")
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 def _key(method: str, hparams: dict) -> str:

@@ -30,8 +30,8 @@ fine-tune of the pretrained net (default 150 steps of batch 64, lr 0.02, mu 0.51
 to reach a comparable threshold in that budget. By default it is set from the network's scale: ``c`` such that
 the last step's threshold g(steps) equals the ``c_quantile`` (default 0.5: the median) of the pretrained conv
 weights' magnitudes, ``c = quantile(|w_0|) / (lr^(1/2) (steps lr)^mu)`` (0.25 for the tiny test ResNet-20 at 150
-steps); an explicit ``c`` overrides it. No data augmentation. The step counter n starts at 1 for the first update, as in the
-authors' implementation.
+steps); an explicit ``c`` overrides it. No data augmentation. The step counter n starts at 1 for the first update,
+as in the authors' implementation.
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ from torch import nn
 from envs.channel_prune import ChannelPruneEnv
 
 from .base import Baseline, fit_to_budget, register
-from .finetune import cached_finetune, check_positive, env_progress, finetune
+from .finetune import cached_finetune, check_positive, env_progress, finetune, merge_options
 
 DENSITY_RULES = ("weights", "channels")
+DEFAULTS = dict(c=None, mu=0.51, lr=0.02, steps=150, batch_size=64, c_quantile=0.5, density="weights",
+                alive_tol=0.05, cache=True, progress=None)
 
 
 class GRDA(torch.optim.Optimizer):
@@ -141,7 +143,8 @@ def grda_finetune(
 
     hp = dict(c=c, mu=mu, lr=lr, steps=steps, batch_size=batch_size, seed=seed)
     return cached_finetune(env, "grda", hp, lambda: finetune(
-        env, steps, batch_size, seed, optimizers=optimizers, desc="gRDA fine-tune", progress=progress), cache=cache)
+        env, steps, batch_size, seed, optimizers=optimizers, desc="gRDA fine-tune", progress=progress),
+        cache=cache)
 
 
 def channel_density(env: ChannelPruneEnv, model: nn.Module, rule: str = "weights", alive_tol: float = 0.05
@@ -177,19 +180,19 @@ def weight_sparsity(model: nn.Module) -> float:
 
 @register("grda")
 class GRDABaseline(Baseline):
-    """Options: ``c`` (None: from ``c_quantile``, 0.5), ``mu`` (0.51), ``lr`` (0.02), ``steps`` (150), ``batch_size`` (64), ``density``
-    ("weights" or "channels"), ``alive_tol`` (0.05), ``cache`` (True), ``progress`` (the env's)."""
+    """Options: ``c`` (None: set from ``c_quantile``, 0.5), ``mu`` (0.51), ``lr`` (0.02), ``steps`` (150),
+    ``batch_size`` (64), ``density`` ("weights" or "channels"), ``alive_tol`` (0.05), ``cache`` (True),
+    ``progress`` (the env's)."""
 
     def prepare(self) -> ChannelPruneEnv:
-        o = self.options
-        self.finetuned = grda_finetune(self.env, c=o.get("c"), mu=o.get("mu", 0.51), lr=o.get("lr", 0.02),
-                                       steps=o.get("steps", 150), batch_size=o.get("batch_size", 64), seed=self.seed,
-                                       c_quantile=o.get("c_quantile", 0.5), cache=o.get("cache", True),
-                                       progress=o.get("progress"))
+        o = merge_options(self.name, self.options, DEFAULTS)
+        self.density_rule, self.alive_tol = o.pop("density"), o.pop("alive_tol")
+        if self.density_rule not in DENSITY_RULES:
+            raise ValueError(f"density={self.density_rule!r} is not allowed; allowed: {', '.join(DENSITY_RULES)}")
+        self.finetuned = grda_finetune(self.env, seed=self.seed, **o)
         self.sparsity = weight_sparsity(self.finetuned)
         return self.env.derive(model=self.finetuned, scorer="l1")
 
     def plan(self) -> np.ndarray:
-        self.density = channel_density(self.eval_env, self.finetuned, self.options.get("density", "weights"),
-                                       self.options.get("alive_tol", 0.05))
+        self.density = channel_density(self.eval_env, self.finetuned, self.density_rule, self.alive_tol)
         return fit_to_budget(self.eval_env, np.maximum(self.density, 1e-3))

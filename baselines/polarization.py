@@ -39,9 +39,10 @@ from torch import nn
 from envs.channel_prune import ChannelPruneEnv
 
 from .base import Baseline, fit_to_budget, register
-from .finetune import bn_modules, cached_finetune, check_positive, env_progress, finetune
+from .finetune import bn_modules, cached_finetune, check_positive, env_progress, finetune, merge_options
 
 REGULARIZERS = ("polar", "l1")
+DEFAULTS = dict(lam=0.03, t=1.2, a=1.0, steps=150, batch_size=64, lr=0.01, cache=True, progress=None)
 
 
 def polarization_penalty(model: nn.Module, lam: float, t: float) -> torch.Tensor:
@@ -152,11 +153,9 @@ class Polarization(Baseline):
     ``cache`` (True), ``progress`` (the env's)."""
 
     def prepare(self) -> ChannelPruneEnv:
-        o = self.options
-        self.a = float(o.get("a", 1.0))
-        self.finetuned = polarize(self.env, lam=o.get("lam", 0.03), t=o.get("t", 1.2), a=self.a,
-                                  steps=o.get("steps", 150), batch_size=o.get("batch_size", 64), lr=o.get("lr", 0.01),
-                                  seed=self.seed, cache=o.get("cache", True), progress=o.get("progress"))
+        o = merge_options(self.name, self.options, DEFAULTS)
+        self.a = float(o["a"])
+        self.finetuned = polarize(self.env, seed=self.seed, **o)
         return self.env.derive(model=self.finetuned, scorer="bn")
 
     def plan(self) -> np.ndarray:

@@ -1,14 +1,14 @@
 """Export the physically pruned network of a policy: weights, a pickle-free channel config, ONNX and a report.
 
     python -m envs.export --policy best.json --out model/ [--finetune-steps 500]
-    python -m envs.export --baseline uniform --env ChannelPrune-ResNet20 --env-kwargs budget=0.5 width=0.5 --out model/
+    python -m envs.export --baseline uniform --env ChannelPrune-ResNet20 --env-kwargs budget=0.5 --out model/
 
-The network is pruned exactly as the environment prunes it at the end of an episode (Torch-Pruning's handlers on
-a copy of the base model, the env's compensation if it has one, then BatchNorm recalibration on the calibration
-split), so the exported weights carry the recalibrated BN statistics and the exported model's accuracy on the
-reward split equals ``info["accuracy"]`` that the env reports for the same plan. The plan is replayed through the
-env to check that: a plan the env's budget wall would change is rejected (given as ``kept_counts``), or the
-wall's result is exported (given as ``keep_ratios``, the way the env applies actions).
+The network is pruned exactly as the environment prunes it at the end of an episode (Torch-Pruning's handlers, i.e.
+DepGraph, Fang et al., CVPR 2023, on a copy of the base model, the env's compensation if it has one, then BatchNorm
+recalibration on the calibration split), so the exported weights carry the recalibrated BN statistics and the
+exported model's accuracy on the reward split equals ``info["accuracy"]`` that the env reports for the same plan.
+The plan is replayed through the env to check that: a plan the env's budget wall would change is rejected (given as
+``kept_counts``), or the wall's result is exported (given as ``keep_ratios``, the way the env applies actions).
 
 Files written to ``out_dir``:
 
@@ -50,7 +50,6 @@ from torch import nn
 
 from .cost import count_macs, count_params, measure_latency
 from .finetune import finetune
-from .groups import keep_count
 from .models import build_model
 
 FORMAT = "channelprune-export/1"
@@ -66,7 +65,8 @@ def channel_config(model: nn.Module) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            out[name] = {"type": "Conv2d", "in": int(m.in_channels), "out": int(m.out_channels), "groups": int(m.groups)}
+            out[name] = {"type": "Conv2d", "in": int(m.in_channels), "out": int(m.out_channels),
+                         "groups": int(m.groups)}
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             out[name] = {"type": type(m).__name__, "in": int(m.num_features), "out": int(m.num_features)}
         elif isinstance(m, nn.Linear):
@@ -112,7 +112,8 @@ def rebuild(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"config format {got!r} is not supported; expected {FORMAT!r}")
     for key in ("model", "width", "num_classes", "in_channels", "modules"):
         if key not in config:
-            raise ValueError(f"config is missing {key!r}; it needs model, width, num_classes, in_channels, modules")
+            raise ValueError(f"config is missing {key!r}; it needs model, width, num_classes, in_channels and "
+                             "modules")
     model = build_model(config["model"], int(config["num_classes"]), int(config["in_channels"]),
                         float(config["width"]))
     fresh = dict(model.named_modules())
@@ -160,9 +161,13 @@ def _ratio_to_action(env, r: float) -> float:
 
 
 def _check_counts(env, kept_counts: Sequence[int]) -> list[int]:
-    kept = [int(k) for k in kept_counts]
-    if len(kept) != env.n_groups or any(float(k) != float(k0) for k, k0 in zip(kept, kept_counts)):
-        raise ValueError(f"kept_counts={list(kept_counts)!r} must be {env.n_groups} integers (one per group)")
+    try:
+        kept = [int(k) for k in kept_counts]
+        whole = all(float(k) == float(k0) for k, k0 in zip(kept, kept_counts))
+    except (TypeError, ValueError):
+        kept, whole = [], False
+    if len(kept) != env.n_groups or not whole:
+        raise ValueError(f"kept_counts={kept_counts!r} must be {env.n_groups} integers (one per group)")
     for g, k in zip(env.groups, kept):
         if not 1 <= k <= g.num_channels:
             raise ValueError(f"kept_counts[{g.index}]={k} for group {g.name!r} must be in [1, {g.num_channels}]")
@@ -172,9 +177,13 @@ def _check_counts(env, kept_counts: Sequence[int]) -> list[int]:
 def _check_ratios(env, name: str, ratios: Sequence[float] | None) -> np.ndarray | None:
     if ratios is None:
         return None
-    r = np.asarray(ratios, dtype=np.float64)
+    try:
+        r = np.asarray(ratios, dtype=np.float64)
+    except (TypeError, ValueError):
+        r = np.full(0, np.nan)
     if r.shape != (env.n_groups,) or not np.all(np.isfinite(r)) or np.any(r <= 0) or np.any(r > 1 + 1e-9):
-        raise ValueError(f"{name}={list(np.atleast_1d(ratios))!r} must be {env.n_groups} finite ratios in (0, 1]")
+        shown = ratios.tolist() if isinstance(ratios, np.ndarray) else ratios
+        raise ValueError(f"{name}={shown!r} must be {env.n_groups} finite ratios in (0, 1] (one per group)")
     return r
 
 
@@ -208,7 +217,9 @@ def replay_counts(env, kept_counts: Sequence[int], runtime_ratios: Sequence[floa
     if list(info["kept_counts"]) != kept:
         raise ValueError(f"kept_counts={kept} is not a plan this env produces: it applies {info['kept_counts']} "
                          f"(budget={env.budget} on {env.target}, budget_mode={env.budget_mode!r}, "
-                         f"round_to={env.round_to}, min_keep={env.min_keep}); use the env the plan came from")
+                         f"round_to={env.round_to}, min_keep={env.min_keep}); use the env the plan came from"
+                         + ("; in runtime mode pass the plan's runtime_ratios too"
+                            if env.mode == "runtime" and runtime_ratios is None else ""))
     return info
 
 
@@ -324,7 +335,8 @@ def export_pruned(
     if finetune_steps:
         pruned = finetune(pruned, data, finetune_steps, seed=seed, progress=progress)
         ft["reward_accuracy_before"], ft["reward_accuracy_after"] = acc_pruned, env.evaluate(pruned, "reward")[0]
-        ft["recipe"] = "envs.finetune defaults: SGD Nesterov lr 0.01 cosine, batch 64, wd 5e-4, label smoothing 0.1"
+        ft["recipe"] = ("envs.finetune defaults: SGD Nesterov lr 0.01 cosine, batch 64, wd 5e-4, "
+                        "label smoothing 0.1")
 
     # --- files: weights, config; then reload from them (the report measures the reloaded model)
     groups = [{"index": g.index, "name": g.name, "kind": g.kind, "channels": g.num_channels, "kept": k,
@@ -337,7 +349,8 @@ def export_pruned(
         "modules": channel_config(pruned), "kept_counts": kept, "groups": groups,
         "source": source or {}, "env_kwargs": _jsonable(env._init_kwargs),
     }
-    torch.save({k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}, out_dir / WEIGHTS_FILE)
+    state = {k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}
+    torch.save(state, out_dir / WEIGHTS_FILE)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     exported = load_exported(out_dir)
     check_x = data.reward.x[:16]
@@ -537,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after pruning (envs.finetune)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latency-repeats", type=int, default=20, help="timed forward passes per network and batch size (0: skip latency)")
+    p.add_argument("--latency-repeats", type=int, default=20,
+                   help="timed forward passes per network and batch size (0: skip latency)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the latency measurement")
     p.add_argument("--no-onnx", action="store_true", help="do not write model.onnx")
     p.add_argument("--no-test", action="store_true", help="skip the test-set accuracy")

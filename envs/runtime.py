@@ -39,42 +39,43 @@ def _topk(spec: GateSpec, x: torch.Tensor) -> torch.Tensor:
     return sal.topk(spec.k, dim=1).indices.sort(dim=1).values
 
 
-class _SparseProducer(nn.Module):
-    def __init__(self, conv: nn.Conv2d, spec: GateSpec, state: _State):
+class _SparseConv(nn.Module):
+    """A conv that, per input, computes only its gate's selected output channels (``out_spec``) and/or reads only
+    the channels the previous gate selected (``in_state``). One module holds both roles, because in a plain chain
+    (VGG) a conv is the consumer of one gated group and the producer of the next."""
+
+    def __init__(self, conv: nn.Conv2d, in_state: _State | None, out_spec: GateSpec | None,
+                 out_state: _State | None):
         super().__init__()
-        self.conv, self.spec, self.state = conv, spec, state
+        self.conv, self.in_state, self.out_spec, self.out_state = conv, in_state, out_spec, out_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idx = _topk(self.spec, x)
-        self.state.idx = idx
-        b, k = idx.shape
-        w = self.conv.weight[idx.reshape(-1)]  # (B*k, C_in, kh, kw): each input's own filters
-        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w, None, self.conv.stride, self.conv.padding,
-                       self.conv.dilation, groups=b)
-        out = out.reshape(b, k, *out.shape[2:])
+        b = x.shape[0]
+        w = self.conv.weight  # (C_out, C_in, kh, kw)
+        idx_out = None
+        if self.out_spec is not None:
+            # the gate reads the pooled full (kept-width) input, as in the dense execution and the env's cost
+            idx_out = _topk(self.out_spec, x)
+            self.out_state.idx = idx_out
+            w = w[idx_out]  # (B, k_out, C_in, kh, kw): each input's own filters
+        else:
+            w = w.unsqueeze(0).expand(b, *w.shape)  # (B, C_out, C_in, kh, kw) view
+        if self.in_state is not None:
+            idx_in = self.in_state.idx
+            k_in = idx_in.shape[1]
+            x = x.gather(1, idx_in[:, :, None, None].expand(b, k_in, *x.shape[2:]))  # only the computed channels
+            w = w.gather(2, idx_in[:, None, :, None, None].expand(b, w.shape[1], k_in, *w.shape[3:]))
+        k_out, k_in = w.shape[1], w.shape[2]
+        out = F.conv2d(x.reshape(1, b * k_in, *x.shape[2:]), w.reshape(b * k_out, k_in, *w.shape[3:]), None,
+                       self.conv.stride, self.conv.padding, self.conv.dilation, groups=b)
+        out = out.reshape(b, k_out, *out.shape[2:])
         if self.conv.bias is not None:
-            out = out + self.conv.bias[idx][:, :, None, None]
+            bias = self.conv.bias[idx_out] if idx_out is not None else self.conv.bias[None, :]
+            out = out + bias[:, :, None, None]
+        if idx_out is None:
+            return out
         full = out.new_zeros(b, self.conv.out_channels, *out.shape[2:])
-        return full.scatter_(1, idx[:, :, None, None].expand_as(out), out)
-
-
-class _SparseConsumer(nn.Module):
-    def __init__(self, conv: nn.Conv2d, state: _State):
-        super().__init__()
-        self.conv, self.state = conv, state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idx = self.state.idx
-        b, k = idx.shape
-        xs = x.gather(1, idx[:, :, None, None].expand(b, k, *x.shape[2:]))  # only the computed channels
-        w = self.conv.weight.unsqueeze(0).expand(b, -1, -1, -1, -1)  # (B, C_out, C_in, kh, kw) view
-        w = w.gather(2, idx[:, None, :, None, None].expand(b, w.shape[1], k, *w.shape[3:]))
-        out = F.conv2d(xs.reshape(1, -1, *xs.shape[2:]), w.reshape(-1, k, *w.shape[3:]), None, self.conv.stride,
-                       self.conv.padding, self.conv.dilation, groups=b)
-        out = out.reshape(b, self.conv.out_channels, *out.shape[2:])
-        if self.conv.bias is not None:
-            out = out + self.conv.bias[None, :, None, None]
-        return out
+        return full.scatter_(1, idx_out[:, :, None, None].expand_as(out), out)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,14 +87,18 @@ def install_gates(model: nn.Module, specs: list[GateSpec], sparse: bool = False)
     """Gate ``model`` in place; returns hook handles (dense) or an empty list (sparse modules swapped in)."""
     handles = []
     mods = dict(model.named_modules())
-    for spec in specs:
-        if spec.k >= spec.weight.shape[0]:
-            continue  # every channel computed: no gate runs
-        if sparse:
+    active = [spec for spec in specs if spec.k < spec.weight.shape[0]]  # k == all channels: no gate runs
+    if sparse:
+        roles: dict[str, dict] = {}  # conv name -> its output gate (spec, state) and / or its input gate's state
+        for spec in active:
             state = _State()
-            _set(model, spec.producer, _SparseProducer(mods[spec.producer], spec, state))
-            _set(model, spec.consumer, _SparseConsumer(mods[spec.consumer], state))
-            continue
+            roles.setdefault(spec.producer, {})["out"] = (spec, state)
+            roles.setdefault(spec.consumer, {})["in"] = state
+        for name, role in roles.items():
+            out_spec, out_state = role.get("out", (None, None))
+            _set(model, name, _SparseConv(mods[name], role.get("in"), out_spec, out_state))
+        return handles
+    for spec in active:
         state = _State()
 
         def pre(_m, inp, spec=spec, state=state):

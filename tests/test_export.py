@@ -13,18 +13,14 @@ import torch.nn.functional as F
 from envs.channel_prune import ChannelPruneEnv
 from envs.data import Split
 from envs.export import (
-    CONFIG_FILE, ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, channel_config, export_baseline, export_policy, export_pruned, load_exported,
-    load_policy, main, rebuild, replay,
+    CONFIG_FILE, ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, channel_config, export_baseline, export_policy,
+    export_pruned, load_exported, load_policy, main, rebuild, replay,
 )
 from envs.finetune import finetune
 from envs.models import build_model
 
 FAST = dict(test_accuracy=False, latency_repeats=0, onnx=False)
 PLAN = [1.0, 0.5, 0.8, 0.4, 0.9, 0.6, 0.7, 0.3, 1.0, 0.5, 0.6, 0.4]  # keep ratios for the 12 groups
-
-
-def _episode(env: ChannelPruneEnv, ratios) -> dict:
-    return replay(env, ratios)
 
 
 def _plain_json(obj) -> bool:
@@ -46,7 +42,7 @@ def test_export_roundtrip_matches_env(make_env, tiny_setup, tmp_path):
     data = copy.copy(tiny_setup[1])
     data.test = Split(data.test.x[:1000], data.test.y[:1000])  # the test accuracy on a tenth of the test set
     env = make_env(budget=0.5, data=data)
-    info = _episode(env, PLAN)
+    info = replay(env, PLAN)
     kept = info["kept_counts"]
     out = tmp_path / "model"
     report = export_pruned(env, kept, out, test_accuracy=True, latency_repeats=2, onnx=False)
@@ -93,7 +89,7 @@ def test_onnx_matches_torch(make_env, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     env = make_env(budget=0.4)
-    info = _episode(env, PLAN)
+    info = replay(env, PLAN)
     report = export_pruned(env, info["kept_counts"], tmp_path, test_accuracy=False, latency_repeats=0, onnx=True)
     assert report["onnx"]["file"] == ONNX_FILE
     assert report["onnx"]["max_abs_diff_vs_torch"] < 1e-3
@@ -114,7 +110,7 @@ def test_export_policy_file_ratios_and_counts(make_env, tmp_path):
     path.write_text(json.dumps(policy))
     assert load_policy(path)["keep_ratios"] == PLAN
     rep = export_policy(path, tmp_path / "a", env=env, **FAST)
-    info = _episode(env, PLAN)  # what the env reports for the same plan
+    info = replay(env, PLAN)  # what the env reports for the same plan
     assert rep["kept_counts"] == info["kept_counts"]
     assert rep["reward_accuracy"] == info["accuracy"]
     assert rep["source"]["file"] == str(path) and rep["onnx"]["file"] is None
@@ -128,7 +124,8 @@ def test_export_policy_file_ratios_and_counts(make_env, tmp_path):
 
     # counts the env's budget wall would change are rejected, naming the plan
     with pytest.raises(ValueError, match="not a plan this env produces"):
-        export_policy(dict(policy, kept_counts=[g.num_channels for g in env.groups]), tmp_path / "c", env=env, **FAST)
+        full = [g.num_channels for g in env.groups]
+        export_policy(dict(policy, kept_counts=full), tmp_path / "c", env=env, **FAST)
     with pytest.raises(ValueError, match="kept_counts"):
         export_pruned(env, [4] * (env.n_groups - 1), tmp_path / "d", **FAST)
 
@@ -226,14 +223,18 @@ def test_bad_inputs_give_clear_errors(make_env, tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
     # bad ratios, counts, missing export files, tampered config
     env = make_env()
-    with pytest.raises(ValueError, match="keep_ratios"):
-        replay(env, [1.5] * env.n_groups)
+    for ratios in ([1.5] * env.n_groups, "abc", [0.5] * (env.n_groups + 1)):
+        with pytest.raises(ValueError, match="keep_ratios"):
+            replay(env, ratios)
+    for counts in (None, ["a"] * env.n_groups, [2.5] * env.n_groups):
+        with pytest.raises(ValueError, match="kept_counts"):
+            export_pruned(env, counts, tmp_path / "z", **FAST)
     with pytest.raises(ValueError, match=r"kept_counts\[0\]"):
         export_pruned(env, [0] + [4] * (env.n_groups - 1), tmp_path / "z", **FAST)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_exported(tmp_path / "empty")
     out = tmp_path / "ok"
-    export_pruned(env, _episode(env, PLAN)["kept_counts"], out, **FAST)
+    export_pruned(env, replay(env, PLAN)["kept_counts"], out, **FAST)
     config = json.loads((out / CONFIG_FILE).read_text())
     with pytest.raises(ValueError, match="format"):
         rebuild({**config, "format": "other"})
@@ -251,7 +252,7 @@ def test_bad_inputs_give_clear_errors(make_env, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- finetune
 def test_finetune_reduces_loss_and_is_deterministic(make_env):
     env = make_env(budget=0.5)
-    info = _episode(env, PLAN)
+    info = replay(env, PLAN)
     pruned = env.build_pruned(info["kept_counts"])
     env.recalibrate_bn(pruned)
     small = copy.copy(env.data)
@@ -277,8 +278,8 @@ def test_finetune_reduces_loss_and_is_deterministic(make_env):
 def test_finetune_gated_model(make_env, sparse):
     env = make_env(mode="runtime", budget=0.6)
     info = replay(env, [0.8] * env.n_groups, [0.5] * env.n_groups)
-    gated = env.build_pruned(info["kept_counts"], [round(r * k) for r, k in zip(info["runtime_ratios"],
-                                                                               info["kept_counts"])], sparse=sparse)
+    rt = [round(r * k) for r, k in zip(info["runtime_ratios"], info["kept_counts"])]
+    gated = env.build_pruned(info["kept_counts"], rt, sparse=sparse)
     env.recalibrate_bn(gated)
     w0 = {k: v.clone() for k, v in gated.state_dict().items()}
     out = finetune(gated, env.data, steps=2, batch_size=16, progress=False)
@@ -291,8 +292,9 @@ def test_finetune_gated_model(make_env, sparse):
 def test_finetune_argument_errors(make_env):
     env = make_env()
     model = copy.deepcopy(env.base_model)
-    for kwargs, name in [({"steps": -1}, "steps"), ({"steps": 2, "lr": 0.0}, "lr"),
-                         ({"steps": 2, "momentum": 0.0}, "momentum"), ({"steps": 2, "batch_size": 0}, "batch_size")]:
+    bad = [({"steps": -1}, "steps"), ({"steps": 2, "lr": 0.0}, "lr"), ({"steps": 2, "momentum": 0.0}, "momentum"),
+           ({"steps": 2, "batch_size": 0}, "batch_size")]
+    for kwargs, name in bad:
         with pytest.raises(ValueError, match=name):
             finetune(model, env.data, progress=False, **kwargs)
     w0 = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,182 @@
+"""Polarization, gRDA and Channel Gating baselines on the tiny env (small step budgets)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.evaluation import evaluate_policy
+
+from baselines import make_baseline
+from baselines.channel_gating import calibrate_gates, evaluate_channel_gating
+from baselines.finetune import bn_modules
+from baselines.grda import GRDA, grda_finetune, weight_sparsity
+from baselines.polarization import first_valley, otsu_separation, polarize
+
+FAST = dict(steps=10, batch_size=16, progress=False)
+
+
+def _episode(b):
+    """One full episode with SB3's evaluator; returns the final info."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Monitor.*")
+        evaluate_policy(b, b.setup().eval_env, n_eval_episodes=1)
+    return b.eval_env.last_info
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ polarization
+def test_first_valley_splits_two_clusters_and_rejects_one():
+    rng = np.random.default_rng(0)
+    two = np.concatenate([rng.uniform(0.0, 0.05, 20), rng.uniform(0.7, 0.9, 44)])
+    th = first_valley(two, 1.0)
+    assert th is not None and 0.05 < th < 0.7
+    one = rng.normal(0.6, 0.05, 64)
+    assert first_valley(one, 1.0) is None
+
+
+def test_polarization_pushes_scales_to_two_clusters_unlike_l1(make_env):
+    env = make_env(scorer="l1")
+    before = _state(env.base_model)
+    kw = dict(lam=0.2, steps=30, batch_size=32, cache=False, progress=False)
+    g_pol = torch.cat([m.weight.detach() for m in bn_modules(polarize(env, reg="polar", **kw))]).numpy()
+    g_l1 = torch.cat([m.weight.detach() for m in bn_modules(polarize(env, reg="l1", **kw))]).numpy()
+    low_pol, low_l1 = (g_pol < 0.1).mean(), (g_l1 < 0.1).mean()
+    assert g_pol.min() >= 0.0 and g_pol.max() <= 1.0  # clamped to [0, a]
+    assert low_pol > low_l1 + 0.2  # a cluster at 0 that L1 does not make
+    assert low_pol + (g_pol > 0.5).mean() > 0.95  # and almost nothing in between
+    assert otsu_separation(g_pol) > otsu_separation(g_l1) + 0.2
+    assert _same_state(before, env.base_model.state_dict())  # the base model is never modified
+
+
+def test_polarization_episode_budget_and_determinism(make_env):
+    env = make_env(scorer="l1")
+    b1 = make_baseline("polarization", env, lam=0.2, cache=False, **FAST)
+    info = _episode(b1)
+    assert info["flops_ratio"] <= env.budget + 1e-9
+    b2 = make_baseline("polarization", env, lam=0.2, cache=False, **FAST).setup()
+    np.testing.assert_array_equal(b1.ratios, b2.ratios)
+    assert b1.eval_env.scorer.name == "bn" and b1.eval_env.base_model is b1.finetuned
+
+
+def test_polarization_caches_per_hyperparameters(make_env):
+    env = make_env(scorer="l1")
+
+    def n_cached() -> int:
+        return len(list(Path(env.checkpoint_file).parent.glob("*.polarization-*.pt")))
+
+    n0 = n_cached()
+    a = polarize(env, lam=0.1, **FAST)
+    assert n_cached() == n0 + 1
+    b = polarize(env, lam=0.1, **FAST)  # loaded, not retrained
+    assert n_cached() == n0 + 1 and _same_state(a.state_dict(), b.state_dict())
+    polarize(env, lam=0.11, **FAST)
+    assert n_cached() == n0 + 2
+
+
+def test_unknown_option_is_named(make_env):
+    env = make_env(scorer="l1")
+    with pytest.raises(ValueError, match="lamda"):
+        make_baseline("polarization", env, lamda=0.1).setup()
+    with pytest.raises(ValueError, match="reg="):
+        polarize(env, reg="l2")
+
+
+# ------------------------------------------------------------------------------------------ gRDA
+def test_grda_update_is_soft_threshold_of_the_accumulator():
+    w = torch.nn.Parameter(torch.tensor([0.5, -0.02, 0.01, -0.8]))
+    opt = GRDA([w], lr=0.1, c=0.5, mu=0.6)
+    acc = w.detach().clone()
+    for n in range(1, 4):
+        grad = torch.tensor([0.1, -0.2, 0.05, 0.3]) * n
+        w.grad = grad.clone()
+        opt.step()
+        acc -= 0.1 * grad
+        g = 0.5 * 0.1 ** 0.5 * (n * 0.1) ** 0.6
+        torch.testing.assert_close(w.detach(), acc.sign() * (acc.abs() - g).clamp_min(0))
+    assert (w.detach() == 0).sum() >= 1  # small coordinates are exactly zero
+    with pytest.raises(ValueError, match="mu="):
+        GRDA([w], mu=1.5)
+
+
+def test_grda_makes_exact_zeros_growing_with_c(make_env):
+    env = make_env(scorer="l1")
+    kw = dict(steps=20, batch_size=16, cache=False, progress=False)
+    low = weight_sparsity(grda_finetune(env, c=0.1, **kw))
+    high = weight_sparsity(grda_finetune(env, c=0.5, **kw))
+    assert low > 0.0  # exact zeros
+    assert high > low + 0.1
+
+
+def test_grda_episode_budget_and_determinism(make_env):
+    env = make_env(scorer="l1")
+    b1 = make_baseline("grda", env, cache=False, **FAST)
+    info = _episode(b1)
+    assert info["flops_ratio"] <= env.budget + 1e-9
+    assert b1.sparsity > 0.0 and np.all((b1.density > 0) & (b1.density <= 1))
+    b2 = make_baseline("grda", env, cache=False, **FAST).setup()
+    np.testing.assert_array_equal(b1.ratios, b2.ratios)
+
+
+# ------------------------------------------------------------------------------------------ channel gating
+def test_channel_gating_flops_fall_and_accuracy_degrades_gracefully(make_env):
+    env = make_env(mode="runtime")
+    base_acc, _ = env.evaluate(env.base_model)
+    cal = calibrate_gates(env)
+    deltas = [-1.5, -0.5, 0.0, 0.5]
+    res = [evaluate_channel_gating(env, d, calibration=cal) for d in deltas]
+    flops = [r["effective_flops_ratio"] for r in res]
+    accs = [r["accuracy"] for r in res]
+    assert all(a > b for a, b in zip(flops, flops[1:])), flops
+    assert flops[-1] < 0.9
+    assert accs[0] >= base_acc - 0.03
+    assert all(b <= a + 0.02 for a, b in zip(accs, accs[1:])), accs  # no gain beyond noise as FLOPs fall
+
+
+def test_channel_gating_counts_macs_exactly(make_env):
+    env = make_env(mode="runtime")
+    cal = calibrate_gates(env, p=4)
+    assert evaluate_channel_gating(env, -1e9, calibration=cal)["effective_flops_ratio"] == 1.0
+    # every gate shut: each gated conv computes only its base path
+    mods = dict(env.base_model.named_modules())
+    sizes = {}
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, o.shape[-2] * o.shape[-1]))
+             for n in cal.layers]
+    with torch.no_grad():
+        env.base_model(env.example_input)
+    for h in hooks:
+        h.remove()
+    saved = sum(mods[n].out_channels * sizes[n] * (mods[n].in_channels - mods[n].in_channels // 4)
+                * mods[n].kernel_size[0] * mods[n].kernel_size[1] for n in cal.layers)
+    out = evaluate_channel_gating(env, 1e9, calibration=cal)
+    assert out["effective_flops_ratio"] == pytest.approx(1 - saved / env.graph.base_macs, abs=1e-12)
+    assert all(v == 0 for v in out["open_fraction"].values())
+
+
+def test_channel_gating_episode_in_runtime_env(make_env):
+    env = make_env(mode="runtime", budget=0.6)
+    b1 = make_baseline("channel_gating", env)
+    info = _episode(b1)
+    assert info["effective_flops_ratio"] <= env.budget + 1e-9
+    gated = np.array(env.gated)
+    assert np.all(b1.runtime_ratios[gated] < 1) and np.all(b1.runtime_ratios[~gated] == 1)
+    b2 = make_baseline("channel_gating", env).setup()
+    np.testing.assert_array_equal(b1.ratios, b2.ratios)
+    np.testing.assert_array_equal(b1.runtime_ratios, b2.runtime_ratios)
+    cg = b1.evaluate()  # CG itself at the plan's threshold
+    assert 0 < cg["effective_flops_ratio"] < 1 and 0 <= cg["accuracy"] <= 1
+
+
+def test_channel_gating_needs_runtime_mode(make_env):
+    with pytest.raises(ValueError, match="mode='runtime'"):
+        make_baseline("channel_gating", make_env()).setup()

@@ -1,0 +1,445 @@
+"""ChannelPruneEnv: the Gymnasium / SB3 API contract, pickling and vectorization, determinism, the base model is
+never modified, the budget wall, bad input, rendering and user models."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import pickle
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from torch import nn
+
+import envs
+from envs.channel_prune import ChannelPruneEnv
+from envs.cost import count_macs, count_params
+from envs.data import DatasetSplits, Split
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _cut(split: Split, n: int) -> Split:
+    return Split(split.x[:n], split.y[:n], None if split.indices is None else split.indices[:n])
+
+
+def small_splits(data: DatasetSplits, train: int = 512, other: int = 64) -> DatasetSplits:
+    """A copy of ``data`` with every split cut down (the fixture's object itself is shared and never mutated)."""
+    return dataclasses.replace(data, train=_cut(data.train, train), reward=_cut(data.reward, other),
+                               calib=_cut(data.calib, other), test=_cut(data.test, other))
+
+
+def shrink_eval(env: ChannelPruneEnv, reward: int = 32, calib: int = 32) -> ChannelPruneEnv:
+    """Evaluate episodes on a few images: give ``env`` its own DatasetSplits with short reward / calib splits."""
+    env.data = dataclasses.replace(env.data, reward=_cut(env.data.reward, reward), calib=_cut(env.data.calib, calib))
+    return env
+
+
+def skip_evaluation(monkeypatch, env: ChannelPruneEnv) -> None:
+    """Budget tests only read the costs in the final info (computed from the kept counts, not from the pruned net,
+    whose exact costs ``test_groups`` checks): skip building and evaluating the pruned network."""
+    monkeypatch.setattr(env, "build_pruned", lambda *a, **k: nn.Identity())
+    monkeypatch.setattr(env, "recalibrate_bn", lambda model: None)
+    monkeypatch.setattr(env, "evaluate", lambda model, split="reward": (0.0, 0.0))
+
+
+def run_episode(env, actions=None, seed: int = 0):
+    """One episode; ``actions`` (a list) or seeded ``action_space`` samples. Returns [(obs, reward, info)], the
+    reset observation first (reward None)."""
+    obs, info = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    out = [(obs, None, info)]
+    t = 0
+    while True:
+        a = env.action_space.sample() if actions is None else actions[t]
+        obs, reward, terminated, truncated, info = env.step(a)
+        out.append((obs, reward, info))
+        t += 1
+        if terminated or truncated:
+            return out
+
+
+def assert_same_trajectory(a, b) -> None:
+    assert len(a) == len(b)
+    for (oa, ra, ia), (ob, rb, ib) in zip(a, b):
+        np.testing.assert_array_equal(oa, ob)
+        assert ra == rb
+        ia = {k: v for k, v in ia.items() if k != "eval_seconds"}  # wall-clock time, the only non-reproducible field
+        ib = {k: v for k, v in ib.items() if k != "eval_seconds"}
+        assert ia == ib
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert set(now) == set(snap)
+    for k, v in snap.items():
+        assert torch.equal(now[k], v), f"base model tensor {k} changed"
+
+
+def run_checkers(env) -> list:
+    """Gymnasium's and SB3's env checkers; returns every warning they raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gym_check_env(env.unwrapped)
+        sb3_check_env(env.unwrapped)
+        sb3_check_env(env)  # through the registered wrappers (TimeLimit, OrderEnforcing, PassiveEnvChecker)
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+# ---------------------------------------------------------------------------------------------------- API checks
+
+
+@pytest.mark.parametrize("mode", ["static", "runtime"])
+def test_env_checkers_pass_without_warnings(tiny_gym_kwargs, mode):
+    # With a spec, Gymnasium's checker also re-makes the env in every render mode and renders it.
+    env = gym.make("ChannelPrune-ResNet20", mode=mode, **tiny_gym_kwargs)
+    assert run_checkers(env) == []
+    assert env.observation_space.contains(run_episode(shrink_eval(env.unwrapped))[-1][0])
+
+
+@pytest.mark.parametrize("env_id", [
+    "ChannelPrune-ResNet18",
+    "ChannelPrune-VGG16",
+    pytest.param("ChannelPrune-ResNet56", marks=pytest.mark.slow),
+    pytest.param("ChannelPrune-MobileNetV2", marks=pytest.mark.slow),
+])
+def test_every_registered_id_passes_checkers(tiny_setup, env_id):
+    # A width-0.25 checkpoint trained for one epoch on 512 images (seconds), cut-down splits, 2 channels per group
+    # for the static predictor: the checks are about the API, not the accuracy.
+    data = small_splits(tiny_setup[1])
+    kwargs = dict(width=0.25, pretrain_epochs=1, pretrain_max_train=512, data=data, importance_samples=2,
+                  progress=False)
+    for mode in ("static", "runtime"):
+        env = gym.make(env_id, mode=mode, **kwargs)
+        assert run_checkers(env) == []
+        u = env.unwrapped
+        assert u.model_name == envs.ENV_IDS[env_id][0]
+        steps = run_episode(env)
+        assert len(steps) - 1 == u.n_groups <= env.spec.max_episode_steps
+        assert steps[-1][2]["flops_ratio"] <= 0.5 + 1e-9
+        assert steps[-1][2]["effective_flops_ratio"] <= 0.5 + 1e-9
+
+
+def test_resnet20_checkers_with_every_reward_and_penalty_mode(tiny_gym_kwargs):
+    for kwargs in (dict(reward="acc_flops"), dict(reward="paper7"), dict(budget_mode="penalty"),
+                   dict(target="params"), dict(internal_only=True), dict(mode="runtime", storage_budget=0.6)):
+        env = gym.make("ChannelPrune-ResNet20", **tiny_gym_kwargs, **kwargs)
+        assert run_checkers(env) == [], kwargs
+
+
+# ---------------------------------------------------------------------------------------------------- pickling
+
+
+@pytest.mark.parametrize("mode", ["static", "runtime"])
+def test_pickle_roundtrip_reproduces_episode(make_env, mode):
+    env = make_env(mode=mode)
+    env2 = pickle.loads(pickle.dumps(env))
+    assert isinstance(env2, ChannelPruneEnv) and env2.mode == mode and env2.n_groups == env.n_groups
+    assert_state_equal(env2.base_model, state_snapshot(env.base_model))
+    a = run_episode(shrink_eval(env), seed=3)
+    b = run_episode(shrink_eval(env2), seed=3)
+    assert_same_trajectory(a, b)
+
+
+def test_pickle_mid_episode_restarts_cleanly(make_env):
+    env = make_env()
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    env2 = pickle.loads(pickle.dumps(env))
+    with pytest.raises(RuntimeError, match="reset"):
+        env2.step(env2.action_space.sample())
+    assert_same_trajectory(run_episode(shrink_eval(env2)), run_episode(shrink_eval(make_env())))
+
+
+@pytest.mark.parametrize("vectorization_mode", ["sync", "async"])
+def test_make_vec_runs_episodes(tiny_gym_kwargs, vectorization_mode):
+    venv = gym.make_vec("ChannelPrune-ResNet20", num_envs=2, vectorization_mode=vectorization_mode,
+                        **tiny_gym_kwargs)
+    try:
+        obs, _ = venv.reset(seed=0)
+        assert obs.shape == (2, 23) and obs.dtype == np.float32
+        venv.action_space.seed(0)
+        n = envs.ENV_IDS["ChannelPrune-ResNet20"][1]
+        for t in range(n):
+            obs, reward, terminated, truncated, info = venv.step(venv.action_space.sample())
+            assert obs.shape == (2, 23)
+            if t < n - 1:
+                assert not terminated.any() and np.all(reward == 0)
+        assert terminated.all()
+        assert np.all((reward > 0) & (reward <= 1))  # accuracy on the reward split
+        assert np.all(info["flops_ratio"] <= 0.5 + 1e-9)
+    finally:
+        venv.close()
+
+
+# ---------------------------------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("mode", ["static", "runtime"])
+def test_same_seed_same_trajectory(make_env, mode):
+    env_a, env_b = shrink_eval(make_env(mode=mode)), shrink_eval(make_env(mode=mode))
+    first = run_episode(env_a, seed=7)
+    assert_same_trajectory(first, run_episode(env_b, seed=7))
+    run_episode(env_a, seed=8)  # another episode in between changes nothing
+    assert_same_trajectory(first, run_episode(env_a, seed=7))
+    other = run_episode(env_a, seed=9)
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(first, other))  # the seed does matter
+
+
+def test_base_model_bit_identical_after_many_episodes(make_env):
+    calls = []
+
+    def meddling_compensation(graph, base_model, pruned, keep_idx):
+        # a compensation step may rewrite the pruned copy in place; the base model must not be affected
+        calls.append(len(keep_idx))
+        with torch.no_grad():
+            for p in pruned.parameters():
+                p.mul_(1.0)
+                p.add_(0.0)
+            next(pruned.parameters()).mul_(1.001)
+
+    for kwargs, episodes in ((dict(), 20), (dict(mode="runtime"), 20),
+                             (dict(compensate=None, mode="runtime", reward="paper7"), 8),
+                             (dict(compensate=meddling_compensation), 8)):
+        env = shrink_eval(make_env(**kwargs), reward=16, calib=16)
+        snap = state_snapshot(env.base_model)
+        for ep in range(episodes):
+            run_episode(env, seed=ep)
+        assert_state_equal(env.base_model, snap)
+        assert not env.base_model.training
+        assert all(p.grad is None for p in env.base_model.parameters())
+    assert len(calls) == 8
+
+
+# ---------------------------------------------------------------------------------------------------- budget wall
+
+BUDGET_CASES = [
+    dict(target="flops", budget=0.3, round_to=1),
+    dict(target="flops", budget=0.5, round_to=4),
+    dict(target="flops", budget=0.3, round_to=4, min_keep=0.2),
+    dict(target="params", budget=0.3, round_to=1),
+    dict(target="params", budget=0.5, round_to=4),
+    dict(target="flops", budget=0.3, internal_only=True),
+    dict(mode="runtime", budget=0.3, round_to=1),
+    dict(mode="runtime", budget=0.5, round_to=4),
+    dict(mode="runtime", budget=0.4, storage_budget=0.5),
+]
+RATIO_KEY = {"flops": "flops_ratio", "params": "params_ratio", "latency": "latency_ratio"}
+
+
+@pytest.mark.parametrize("kwargs", BUDGET_CASES, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
+def test_wall_never_exceeds_budget(make_env, monkeypatch, kwargs):
+    env = make_env(**kwargs)
+    skip_evaluation(monkeypatch, env)
+    runtime = env.mode == "runtime"
+    key = "effective_flops_ratio" if runtime else RATIO_KEY[env.target]
+    worst, spent = 0.0, []
+    for ep in range(100):
+        info = run_episode(env, seed=ep)[-1][2]
+        worst = max(worst, info[key])
+        spent.append(info[key])
+        if runtime:
+            assert info["effective_flops_ratio"] <= info["flops_ratio"] + 1e-12
+            if env.storage_budget < 1:
+                assert info["params_ratio"] <= env.storage_budget + 1e-9
+        assert all(k % env.round_to == 0 or k == g.num_channels for k, g in zip(info["kept_counts"], env.groups))
+    assert worst <= env.budget * (1 + 1e-9)
+    assert max(spent) > 0.8 * env.budget  # random actions do reach the wall: the test is not vacuous
+
+
+@pytest.mark.parametrize("budget,round_to", [(0.6, 1), (0.75, 4)])
+def test_wall_never_exceeds_latency_budget(make_env, monkeypatch, budget, round_to):
+    # At batch 1 a tiny net's latency is mostly per-layer overhead (the look-up table cannot go below ~90%), so
+    # the table is measured at batch 64 where convolutions dominate.
+    env = make_env(target="latency", budget=budget, round_to=round_to, latency_batch=64)
+    skip_evaluation(monkeypatch, env)
+    for ep in range(30):
+        info = run_episode(env, seed=ep)[-1][2]
+        assert info["latency_ratio"] <= budget * (1 + 1e-9)
+        assert info["latency_ratio"] == pytest.approx(env.latency_table.predict(info["kept_counts"])
+                                                      / env.latency_table.predict(env.k_full))
+
+
+@pytest.mark.parametrize("mode", ["static", "runtime"])
+def test_real_episodes_pruned_network_within_budget(make_env, mode):
+    """The full path (physical pruning, BN recalibration, evaluation): the pruned net's measured MACs / params match
+    the info and meet the budget."""
+    env = shrink_eval(make_env(mode=mode, budget=0.4))
+    x = env.example_input
+    base_macs, base_params = count_macs(env.base_model, x), count_params(env.base_model)
+    for ep in range(4):
+        info = run_episode(env, seed=ep)[-1][2]
+        pruned = env.build_pruned(info["kept_counts"], [round(r * k) for r, k in zip(info["runtime_ratios"],
+                                                                                      info["kept_counts"])])
+        # the runtime gates add no parameters to the network (their weights live in the predictors)
+        assert count_params(pruned) / base_params == pytest.approx(info["params_ratio"], abs=1e-12)
+        if mode == "static":
+            assert count_macs(pruned, x) / base_macs == pytest.approx(info["flops_ratio"], abs=1e-12)
+            assert info["flops_ratio"] <= 0.4 + 1e-9
+        else:
+            assert info["effective_flops_ratio"] <= 0.4 + 1e-9
+            assert info["effective_flops_ratio"] < info["flops_ratio"]
+        assert 0.0 <= info["accuracy"] <= 1.0 and math.isfinite(info["loss"])
+
+
+def test_penalty_mode_has_no_wall_and_penalizes_excess(make_env, monkeypatch):
+    env = make_env(budget_mode="penalty", budget=0.3)
+    skip_evaluation(monkeypatch, env)
+    info = run_episode(env, actions=[np.ones(1, np.float32)] * env.n_groups)[-1][2]
+    assert info["flops_ratio"] == pytest.approx(1.0) and info["clamp_total"] == 0
+    assert info["budget_excess"] == pytest.approx(1 / 0.3 - 1)
+    reward = run_episode(env, actions=[np.ones(1, np.float32)] * env.n_groups)[-1][1]
+    assert reward == pytest.approx(0.0 - 5.0 * (math.exp(1 / 0.3 - 1) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_action_names_step_and_value(make_env, bad):
+    env = make_env()
+    env.reset(seed=0)
+    env.step(np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match=r"step 1.*non-finite.*(nan|inf)"):
+        env.step(np.array([bad], np.float32))
+
+
+def test_out_of_range_actions_are_clipped(make_env, monkeypatch):
+    env = make_env(mode="runtime")
+    skip_evaluation(monkeypatch, env)
+    rng = np.random.default_rng(0)
+    raw = [rng.uniform(-5, 5, size=2).astype(np.float32) for _ in range(env.n_groups)]
+    clipped = [np.clip(a, -1, 1) for a in raw]
+    assert any(np.any(np.abs(a) > 1) for a in raw)
+    assert_same_trajectory(run_episode(env, actions=raw), run_episode(env, actions=clipped))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(budget=0), r"budget=0 .*\(0, 1\]"),
+    (dict(budget=1.5), r"budget=1\.5 .*\(0, 1\]"),
+    (dict(budget=float("nan")), r"budget=nan .*\(0, 1\]"),
+    (dict(budget=0.01, min_keep=0.5), r"unreachable.*min_keep=0\.5"),
+    (dict(target="energy"), r"target='energy'.*flops, params, latency"),
+    (dict(mode="dynamic"), r"mode='dynamic'.*static, runtime"),
+    (dict(reward="top5"), r"reward='top5'.*acc, acc_flops, paper7"),
+    (dict(scorer="random"), r"scorer='random'.*learned, l1, bn, taylor"),
+    (dict(budget_mode="soft"), r"budget_mode='soft'.*wall, penalty"),
+    (dict(round_to=0), r"round_to=0 .*>= 1"),
+    (dict(min_keep=0), r"min_keep=0 .*\(0, 1\]"),
+    (dict(storage_budget=1.2, mode="runtime"), r"storage_budget=1\.2 .*\(0, 1\]"),
+    (dict(render_mode="human"), r"render_mode='human'.*ansi"),
+    (dict(mode="runtime", target="params"), r"target='params'.*runtime"),
+])
+def test_bad_kwargs_name_value_and_allowed(make_env, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_env(**kwargs)
+
+
+def test_step_before_reset_and_after_end(make_env, monkeypatch):
+    env = make_env()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(1, np.float32))
+    skip_evaluation(monkeypatch, env)
+    run_episode(env)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(1, np.float32))
+
+
+@pytest.mark.parametrize("mode,shape", [("static", (2,)), ("runtime", (1,)), ("runtime", (3,)), ("static", (0,))])
+def test_wrong_action_shape(make_env, mode, shape):
+    env = make_env(mode=mode)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"step 0.*components"):
+        env.step(np.zeros(shape, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------- render
+
+
+def test_render_ansi_one_row_per_group(make_env):
+    env = make_env(render_mode="ansi", mode="runtime")
+    env.reset(seed=0)
+    text = env.render()
+    assert isinstance(text, str)
+    lines = text.strip("\n").split("\n")
+    assert len(lines) == 1 + env.n_groups  # header + one row per group
+    for g, line in zip(env.groups, lines[1:]):
+        assert g.name in line and g.kind in line
+    shrink_eval(env)
+    run_episode(env)
+    done = env.render()
+    assert done.count("\n") == 2 + env.n_groups and "accuracy" in done  # plus the final summary line
+
+
+def test_render_rgb_array(make_env):
+    env = make_env(render_mode="rgb_array")
+    env.reset(seed=0)
+    env.step(np.zeros(1, np.float32))
+    img = env.render()
+    assert isinstance(img, np.ndarray) and img.dtype == np.uint8
+    assert img.ndim == 3 and img.shape[2] == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    assert img.std() > 0  # a chart, not a blank canvas
+
+
+# ---------------------------------------------------------------------------------------------------- user models
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def test_user_model_runs_an_episode(tiny_setup):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    snap = state_snapshot(model)
+    data = small_splits(tiny_setup[1])
+    env = ChannelPruneEnv(model=model, example_input=torch.zeros(1, 1, 28, 28), data=data, scorer="l1",
+                          budget=0.5, progress=False)
+    assert env.n_groups == 3 and [g.num_channels for g in env.groups] == [8, 16, 16]
+    assert run_checkers(env) == []
+    info = run_episode(env)[-1][2]
+    assert info["flops_ratio"] <= 0.5 + 1e-9 and 0 <= info["accuracy"] <= 1
+    assert_state_equal(model, snap)
+    env2 = pickle.loads(pickle.dumps(env))
+    assert_same_trajectory(run_episode(env, seed=1), run_episode(env2, seed=1))
+
+
+def test_unsupported_grouped_conv_fails_at_construction(tiny_setup):
+    from envs.groups import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"features\.3.*groups=2") as err:
+        ChannelPruneEnv(model=SmallCNN(groups=2), example_input=torch.zeros(1, 1, 28, 28),
+                        data=small_splits(tiny_setup[1]), scorer="l1", progress=False)
+    assert isinstance(err.value, ValueError)
+
+
+def test_derive_keeps_settings_and_swaps_the_model(make_env):
+    env = make_env(budget=0.4, round_to=2)
+    tuned = copy.deepcopy(env.base_model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(0.5)
+    env2 = env.derive(model=tuned, scorer="l1")
+    assert env2.budget == 0.4 and env2.round_to == 2 and env2.n_groups == env.n_groups
+    assert env2.base_model is tuned and env2.scorer.name == "l1"
