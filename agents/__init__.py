@@ -1,6 +1,7 @@
 """SB3 agents for the ChannelPrune environments: training, presets, the best episode as a policy, evaluation.
 
-* ``from agents.train import train`` (the function; ``agents.train`` is the module) / ``python -m agents.train``: train PPO, SAC, TD3, DDPG (AMC's recipe) or A2C.
+* ``from agents.train import train`` (the function; ``agents.train`` is the module) / ``python -m agents.train``:
+  train PPO, SAC, TD3, DDPG (AMC's recipe) or A2C.
 * :class:`agents.policy.BestPolicy`: a run's ``best.json`` as a policy with SB3's ``predict``;
   :func:`agents.policy.make_env_from_best` rebuilds its env.
 * :func:`agents.evaluate.evaluate_run` / ``python -m agents.evaluate RUN_DIR``.

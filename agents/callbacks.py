@@ -62,7 +62,8 @@ class EpisodeRecorder(BaseCallback):
 
             self._tb = SummaryWriter(str(self.run_dir / "tb" / "episodes"))
         by_episode = self.max_episodes is not None
-        self._bar = tqdm(total=self.max_episodes if by_episode else self.total_timesteps, disable=not self.progress,
+        self._bar = tqdm(total=self.max_episodes if by_episode else self.total_timesteps,
+                         disable=not self.progress,
                          unit="ep" if by_episode else "step", desc=f"{self.meta.get('algo', '')} "
                          f"{self.meta.get('env_id', '')}", dynamic_ncols=True, leave=True)
 
@@ -105,7 +106,8 @@ class EpisodeRecorder(BaseCallback):
         self.rewards.append(reward)
         row = {"episode": self.episodes, "timesteps": self.num_timesteps, "env": env_index, "reward": reward,
                "accuracy": info.get("accuracy"), "flops_ratio": info.get("flops_ratio"),
-               "params_ratio": info.get("params_ratio"), "effective_flops_ratio": info.get("effective_flops_ratio"),
+               "params_ratio": info.get("params_ratio"),
+               "effective_flops_ratio": info.get("effective_flops_ratio"),
                "clamp_total": info.get("clamp_total"), "seconds": round(time.perf_counter() - self._t0, 3)}
         self._writer.writerow(row)
         self._csv.flush()

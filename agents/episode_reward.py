@@ -84,13 +84,15 @@ class EpisodeRewardReplayBuffer(ReplayBuffer):
 
     def sample(self, batch_size: int, env=None) -> ReplayBufferSamples:
         if self.size() == 0:
-            raise RuntimeError("EpisodeRewardReplayBuffer is empty: no episode has finished yet; set learning_starts "
+            raise RuntimeError("EpisodeRewardReplayBuffer is empty: no episode has finished yet; set "
+                               "learning_starts "
                                "to at least one episode per env (the trainer does)")
         batch = super().sample(batch_size, env=env)
         if self.baseline_alpha == 0.0:
             return batch
         mean = float(batch.rewards.mean())
-        self.baseline = mean if self.baseline is None else self.baseline + self.baseline_alpha * (mean - self.baseline)
+        b = self.baseline
+        self.baseline = mean if b is None else b + self.baseline_alpha * (mean - b)
         return batch._replace(rewards=batch.rewards - self.baseline)
 
 

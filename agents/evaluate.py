@@ -51,13 +51,14 @@ def _test_accuracy(env, info: dict[str, Any]) -> float:
 def evaluate_run(run_dir: str | Path, test: bool = False, **env_overrides: Any) -> dict[str, dict[str, Any]]:
     """``{"agent": metrics, "best": metrics}`` for a run directory (``best`` absent without best.json).
 
-    ``metrics`` holds the env's final info (reward, accuracy, FLOPs / params / effective-FLOPs ratios, keep ratios);
-    with ``test=True`` also ``test_accuracy``.
+    ``metrics`` holds the env's final info (reward, accuracy, FLOPs / params / effective-FLOPs ratios, keep
+    ratios); with ``test=True`` also ``test_accuracy``.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
-        raise ValueError(f"run_dir={str(run_dir)!r} has no {CONFIG_FILE}; is it a directory written by agents.train?")
+        raise ValueError(f"run_dir={str(run_dir)!r} has no {CONFIG_FILE}; is it a directory written by "
+                         "agents.train?")
     cfg = yaml.safe_load(cfg_path.read_text())
     env = make_env_from_record(cfg, repr(str(cfg_path)), **env_overrides)
     out: dict[str, dict[str, Any]] = {}

@@ -1,8 +1,8 @@
 """AMC's exploration noise: a truncated normal around the actor's action, its sigma decaying per episode.
 
-He et al., "AMC: AutoML for Model Compression and Acceleration on Mobile Devices" (ECCV 2018), Sec. 3.3: after a
-warm-up of random episodes, the DDPG actor's action ``mu`` is perturbed by sampling from ``TN(mu, sigma^2, lo, hi)``,
-a normal truncated to the action bounds, with ``sigma = 0.5`` decaying by ``0.95`` after every episode.
+He et al., "AMC: AutoML for Model Compression and Acceleration on Mobile Devices" (ECCV 2018): after a warm-up
+of random episodes, the DDPG actor's action ``mu`` is perturbed by sampling from ``TN(mu, sigma^2, lo, hi)``, a
+normal truncated to the action bounds, with ``sigma = 0.5`` decaying by ``0.95`` after every episode.
 
 SB3's ``ActionNoise`` interface is ``noise()`` -> an additive perturbation that does not see the action, and SB3
 clips ``action + noise`` to [-1, 1] (a *clipped*, not a truncated, normal: mass piles up at the bounds). The
@@ -73,7 +73,7 @@ class TruncatedNormalActionNoise(ActionNoise):
         return np.clip(np.nan_to_num(x, nan=0.0), lo, hi)
 
     def around(self, mu: np.ndarray) -> np.ndarray:
-        """A sample of ``TN(mu, sigma^2)`` truncated to ``[low, high]`` (AMC's exploration), same shape as ``mu``."""
+        """A sample of ``TN(mu, sigma^2)`` truncated to ``[low, high]`` (AMC's exploration), shaped like ``mu``."""
         mu = np.clip(np.asarray(mu, dtype=np.float64), self.low, self.high)
         return self._truncated(mu, self.low, self.high).astype(np.float32)
 

@@ -60,7 +60,9 @@ def allowed_keys(algo: str) -> list[str]:
         if not (isinstance(cls, type) and issubclass(cls, BaseAlgorithm)) or "__init__" not in cls.__dict__:
             continue
         for n, p in inspect.signature(cls.__init__).parameters.items():
-            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in RESERVED and n not in names:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or n == "self" or n in RESERVED:
+                continue
+            if n not in names:
                 names.append(n)
     extra = EXTRA_KEYS["on" if algo in ON_POLICY else "off"]
     return names + [k for k in extra if k not in names]
@@ -106,7 +108,8 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
     if pk and isinstance(pk.get("activation_fn"), str):
         name = pk["activation_fn"]
         if name not in ACTIVATIONS:
-            raise ValueError(f"policy_kwargs.activation_fn={name!r} is not allowed; allowed: {', '.join(ACTIVATIONS)}")
+            raise ValueError(f"policy_kwargs.activation_fn={name!r} is not allowed; allowed: "
+                             f"{', '.join(ACTIVATIONS)}")
         pk["activation_fn"] = ACTIVATIONS[name]
 
     if algo in ON_POLICY:
@@ -129,7 +132,8 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
             ls = hp.get("learning_starts", _default_of(algo, "learning_starts"))
             hp["learning_starts"] = max(int(ls), n_envs * episode_len)
             if hp.get("replay_buffer_class") not in (None, EpisodeRewardReplayBuffer):
-                raise ValueError("episode_reward=True replaces the replay buffer; do not also set replay_buffer_class")
+                raise ValueError("episode_reward=True replaces the replay buffer; do not also set "
+                                 "replay_buffer_class")
             hp["replay_buffer_class"] = EpisodeRewardReplayBuffer
             hp["replay_buffer_kwargs"] = {**(hp.get("replay_buffer_kwargs") or {}), "baseline_alpha": alpha}
         tf = hp.get("train_freq")

@@ -131,8 +131,8 @@ def train(
         n_groups = int(attrs["n_groups"])
         res = resolve(algo, hp, episode_len=n_groups, n_envs=n_envs, action_dim=int(vec_env.action_space.shape[0]))
         kw_ok, kw_skipped = split_serializable(env_kwargs)
-        meta = {"env_id": env_id, "env_kwargs": kw_ok, "env_kwargs_skipped": kw_skipped, "algo": algo, "seed": seed,
-                **attrs, "group_names": [g.name for g in groups]}
+        meta = {"env_id": env_id, "env_kwargs": kw_ok, "env_kwargs_skipped": kw_skipped, "algo": algo,
+                "seed": seed, **attrs, "group_names": [g.name for g in groups]}
         config = {"algo": algo, "env_id": env_id, "env_kwargs": kw_ok, "env_kwargs_skipped": kw_skipped,
                   "seed": seed, "n_envs": n_envs, "episodes": episodes, "timesteps": timesteps,
                   "episode_len": n_groups, "hyperparams": res.record,

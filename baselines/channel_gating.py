@@ -30,9 +30,10 @@ saves MACs in the gated conv itself. The env's runtime mode (Chen et al. 2020, F
 those channels' inputs in the consumer conv. So ``ChannelGating`` as an env policy (``plan()``) transfers CG's
 per-layer allocation only: its runtime ratio for a gated group is CG's measured computed fraction of the
 producer's MACs, ``(C_base + (C_in - C_base) * open fraction) / C_in`` on the calibration split, and the env then
-executes that ratio with its own top-k gates; CG itself is measured by ``evaluate_channel_gating`` (the README's
-number). If gating alone cannot meet the env's budget (``delta`` capped at ``max_delta``), the static keep ratios
-are scaled down uniformly until the plan fits.
+executes that ratio with its own top-k gates. CG itself is measured by ``evaluate_channel_gating`` (the README's
+number; ``ChannelGating.evaluate()`` runs it at the env's budget, every conv but the first gated). If gating
+alone cannot meet the env's budget (``delta`` capped at ``max_delta``), the static keep ratios are scaled down
+uniformly until the plan fits.
 
 Deviations: nothing is trained (the paper trains the network jointly with the gates and their thresholds), so
 accuracy falls faster with the gated-off fraction than in the paper. The base path is the paper's first
@@ -136,10 +137,12 @@ class GatedConv(nn.Module):
 
 
 def gated_layers(env: ChannelPruneEnv, all_convs: bool = False, p: int = 4) -> list[str]:
-    """Names of the convs CG gates: the env's gated groups' producers, or (``all_convs``) every conv but the first
-    with ``groups == 1`` and at least ``p`` input channels (the paper's choice)."""
+    """Names of the convs CG gates: the producers of the env's gated groups (of every gateable block-internal group
+    in a static-mode env), or (``all_convs``) every conv but the first with ``groups == 1`` and at least ``p``
+    input channels (the paper's choice)."""
     if not all_convs:
-        return [v[1] for i, v in enumerate(env.gate_layout) if v is not None and env.gated[i]]
+        return [v[1] for i, v in enumerate(env.gate_layout)
+                if v is not None and (env.gated[i] or env.mode != "runtime")]
     convs = [(n, m) for n, m in env.base_model.named_modules() if isinstance(m, nn.Conv2d)]
     order = _forward_order(env)
     convs.sort(key=lambda nm: order.get(nm[0], len(order)))
@@ -317,7 +320,7 @@ def evaluate_channel_gating(
 
 
 def fit_threshold(env: ChannelPruneEnv, target: float, calibration: GateCalibration | None = None,
-                  lo: float = -4.0, hi: float = 4.0, iters: int = 12, **calib_kwargs) -> float:
+                  lo: float = -4.0, hi: float = 4.0, iters: int = 10, **calib_kwargs) -> float:
     """Smallest shared ``delta`` whose measured effective FLOPs ratio on the calibration split is <= ``target``
     (bisection with the real gated net; ``hi`` if even that does not meet it). ``calib_kwargs`` go to
     ``calibrate_gates`` (``p``, ``all_convs``, ``base``) when no ``calibration`` is given."""
@@ -407,7 +410,11 @@ class ChannelGating(Baseline):
             s = max(env.min_keep, s * 0.999)
         return np.full(env.n_groups, s)
 
-    def evaluate(self, split: str = "reward") -> dict:
-        """CG itself (the real gated net, not the env's top-k gates) at this plan's ``delta``."""
+    def evaluate(self, split: str = "reward", all_convs: bool = True) -> dict:
+        """CG itself (the real gated net, not the env's top-k gates) at the env's budget: the shared ``delta``
+        whose measured effective FLOPs on the calibration split meet ``env.budget`` (``fit_threshold``), then
+        measured on ``split``. ``all_convs=True`` gates every conv but the first (the paper's setting)."""
         self.setup()
-        return evaluate_channel_gating(self.env, self.delta, split=split, calibration=self.calibration)
+        cal = self.calibration if not all_convs else calibrate_gates(self.env, self.p, True, base=self.base)
+        delta = fit_threshold(self.env, self.env.budget, calibration=cal)
+        return evaluate_channel_gating(self.env, delta, split=split, calibration=cal)

@@ -5,7 +5,7 @@ Data-informed filter sensitivities turned into per-layer budgets by a sampling b
 
     S  <- a small batch of calibration images
     for each layer l (here: each coupled channel group):
-        s_j  = max_{x in S} max_i g_ij(x),  g_ij(x) = (w_ij a_j(x))^+ / sum_k (w_ik a_k(x))^+     # sensitivity
+        s_j  = max_{x in S} max_i g_ij(x),  g_ij(x) = w_ij a_j(x) / sum_k w_ik a_k(x)   (per sign of w)
         S_l  = sum_j s_j,  p_j = s_j / S_l
         m_l(eps) = K (6 + 2 eps) S_l log(8 eta / delta) / eps^2     # samples for a (1 +- eps) approximation
         keep_l(eps) = E[#unique filters in m_l i.i.d. draws from p] = sum_j 1 - (1 - p_j)^m_l
@@ -14,18 +14,20 @@ Data-informed filter sensitivities turned into per-layer budgets by a sampling b
 
 Details and deviations:
 
-* ``a_j(x)`` is channel j of the consumer's input (post-ReLU activations), ``i`` runs over the consumer's output
-  neurons: for a convolution every output position of every output channel is one neuron, and ``w_ij a_j(x)``
-  is channel j's whole contribution to it (the kernel slice applied to a_j). As in the paper, positive and
-  negative contributions are treated separately (the bound is applied to each part); a channel's sensitivity is
-  the larger of the two.
+* ``a_j(x)`` is channel j of the consumer's input (post-ReLU activations) and ``i`` runs over the consumer's
+  output neurons; for a convolution every output position of every output channel is one neuron, and the
+  relative contribution is taken per weight tap, ``w_ijt a_j(x)_t / z_i``, then maximized over taps, positions,
+  output channels and images (what the authors' tracker does). As in the paper, positive and negative weights
+  are treated separately (``z_i`` sums the same sign's contributions); a channel's sensitivity is the larger of
+  the two. A neuron with ``z_i`` ~ 0 (nothing of that sign reaches it) is skipped. Inputs that can be negative
+  are split into their positive and negative parts (extra points).
 * The paper's layers are single convolutions; here a decision unit is a coupled group. A group with several
   consumers (a residual stream and every layer reading it) takes the maximum sensitivity over its consumers.
 * ``m_l = ceil(K (6 + 2 eps) S_l log(8 eta / delta) / eps^2)`` (eta = number of channels of the network, delta =
-  the failure probability, K = 3 as in the authors' code); K and delta only rescale eps, which is root-found.
-* The paper samples and reweights filters; the deterministic variant used for its experiments keeps the
-  expected number of unique samples, which is what is done here, with the most sensitive filters kept. No
-  reweighting and no retraining: the benchmark's common fine-tune is applied to every method alike.
+  the failure probability, K = 3 as in the authors' code); K and delta change only which eps is found.
+* Randomized PFP samples filters and reweights them; here the deterministic variant keeps, per layer, the
+  expected number of unique samples' worth of the most sensitive filters. No reweighting and no retraining: the
+  benchmark's common fine-tune is applied to every method alike.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _relative_contributions(a: torch.Tensor, mod: nn.Module, channels: int, chun
                 torch.amax(wf[:, f0 : f0 + fc, None] * inv[i][:, None, :], 0, out=best[f0 : f0 + fc])
             g = (cols[i].reshape(c * t, p) * best).reshape(c, t * p).amax(1)
             out = torch.maximum(out, g.double())
-    return out
+    return out.clamp_(max=1.0)  # a share of a total is at most 1 (float rounding can overshoot)
 
 
 @torch.no_grad()
@@ -92,7 +94,7 @@ def pfp_sensitivities(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[np.ndarray]:
-    """Empirical sensitivity of every channel of every group over ``images`` (the paper's s_j), max over consumers."""
+    """Empirical sensitivity (the paper's s_j) of every channel of every group on ``images``; max over readers."""
     if images.ndim < 2 or len(images) == 0:
         raise ValueError(f"images has shape {tuple(images.shape)}; expected a non-empty batch (N, C, H, W)")
     mods = dict(model.named_modules())
@@ -140,7 +142,8 @@ def expected_unique(sensitivities: np.ndarray, m: float) -> float:
     return float(np.sum(-np.expm1(m * np.log1p(-np.minimum(p, 1.0 - 1e-16)))))
 
 
-def sample_sizes(sensitivities: Sequence[np.ndarray], eps: float, delta: float = 1e-6, k: float = 3.0) -> np.ndarray:
+def sample_sizes(sensitivities: Sequence[np.ndarray], eps: float, delta: float = 1e-6, k: float = 3.0
+                 ) -> np.ndarray:
     """m_l(eps) = ceil(K (6 + 2 eps) S_l log(8 eta / delta) / eps^2) per group (eta = channels of the network)."""
     if not eps > 0:
         raise ValueError(f"eps={eps!r} must be > 0")
@@ -160,7 +163,7 @@ def keep_ratios(sensitivities: Sequence[np.ndarray], eps: float, delta: float = 
 
 def find_eps(env: ChannelPruneEnv, sensitivities: Sequence[np.ndarray], budget: float | None = None,
              delta: float = 1e-6) -> tuple[float, np.ndarray]:
-    """The global eps (brentq on log eps) whose plan is the largest that meets the budget; returns (eps, ratios)."""
+    """The global eps (brentq on log eps) whose plan is the largest meeting the budget; returns (eps, ratios)."""
     budget = env.budget if budget is None else float(budget)
     if not 0 < budget <= 1:
         raise ValueError(f"budget={budget!r} must be in (0, 1]")

@@ -26,9 +26,10 @@ Details and deviations:
   residual stream shares one beta per channel across all of its BNs (its channels are coupled); a group without
   BN mixes at its producers' outputs with |gamma| = 1. BN runs in inference mode (running statistics) so the
   frozen network is exactly the base network.
-* A small step budget (``steps``, default 150 batches of 32 real + 32 knockoff images from the training split,
-  Adam with lr 0.05) instead of the paper's epochs; the betas are cached per checkpoint, steps and settings
-  (``<checkpoint>.scop-....pt``, loaded with ``weights_only=True``), or in memory without a checkpoint file.
+* A small step budget instead of the paper's epochs: ``steps`` (default 150) batches of 32 real + 32 knockoff
+  images from the training split, Adam with lr 0.05, sized so ResNet-18 stays within ~3 minutes on 2 cores;
+  ``steps=`` runs longer. The betas are cached per checkpoint, steps and settings (``<checkpoint>.scop-....pt``,
+  loaded with ``weights_only=True``), or in memory (keyed by a hash of the weights) without a checkpoint file.
 * Ratios: one global threshold on the scores (Network-Slimming style: per group, the fraction of channels above
   it, at least ``min_keep``), lowered as far as the budget allows, then ``fit_to_budget`` scales the plan so it
   meets the budget as closely as channel rounding permits. The paper prunes a fixed fraction of every layer;
@@ -189,6 +190,15 @@ def _structure_key(graph: GroupGraph) -> str:
     return h.hexdigest()[:10]
 
 
+def _weights_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's weights: the in-memory cache key when there is no checkpoint file."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class SCOPScorer:
     """Learns (or loads) the betas for the context's model and returns the SCOP scores."""
 
@@ -200,9 +210,9 @@ class SCOPScorer:
         self.seed, self.max_dim, self.progress = seed, max_dim, progress
         self.betas: list[torch.Tensor] | None = None
 
-    def _key(self, graph: GroupGraph) -> str:
-        return (f"scop-{_structure_key(graph)}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}"
-                f"-d{self.max_dim}")
+    def _key(self, ctx) -> str:
+        return (f"scop-{_structure_key(ctx.graph)}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}"
+                f"-d{self.max_dim}-c{len(ctx.calib)}")
 
     def scores(self, ctx) -> list[np.ndarray]:
         if self.betas is None:
@@ -210,9 +220,9 @@ class SCOPScorer:
         return scop_scores(self.betas, gamma_magnitudes(ctx.model, ctx.graph))
 
     def _load_or_learn(self, ctx) -> list[torch.Tensor]:
-        key = self._key(ctx.graph)
+        key = self._key(ctx)
         path = None if self.checkpoint is None else Path(f"{self.checkpoint}.{key}.pt")
-        mem_key = (id(ctx.model), key)
+        mem_key = (_weights_fingerprint(ctx.model), key)
         if path is not None and path.exists():
             try:
                 return list(torch.load(path, map_location="cpu", weights_only=True)["betas"])

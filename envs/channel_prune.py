@@ -417,14 +417,19 @@ class ChannelPruneEnv(gym.Env):
                 hi_i = mid - 1
         return lo + lo_i * step
 
+    def _static_step(self, t: int) -> int:
+        """Grid of static counts the wall searches: multiples of round_to (k_min is one unless the group is small)."""
+        return self.round_to if self.k_min[t] % self.round_to == 0 else 1
+
     def _wall_static(self, t: int, k: int) -> int:
         names = ["params"] if self.mode == "runtime" else [self.target]
-        step = self.round_to if self.k_min[t] % self.round_to == 0 else 1
+        step = self._static_step(t)
         return self._largest(self.k_min[t], k, lambda v: self._fits(*self._trial(t, v), names), step) if k > self.k_min[t] else k
 
     def _wall_runtime(self, t: int, k: int, r: int) -> tuple[int, int]:
+        step = self._static_step(t)  # shrinking the static count must keep it on the round_to grid
         if not self.gated[t]:
-            k2 = self._largest(self.k_min[t], k, lambda v: self._fits(*self._trial(t, v, v), ["effective"]))
+            k2 = self._largest(self.k_min[t], k, lambda v: self._fits(*self._trial(t, v, v), ["effective"]), step)
             return k2, k2
         r_min = keep_count(self.min_keep, k, 1)
         ok = lambda v: self._fits(*self._trial(t, k, v), ["effective"])  # noqa: E731
@@ -432,7 +437,7 @@ class ChannelPruneEnv(gym.Env):
             return k, self._largest(r_min, r, ok)
         # the gate's own cost grows with k: shrink the static count too
         k2 = self._largest(self.k_min[t], k, lambda v: self._fits(
-            *self._trial(t, v, keep_count(self.min_keep, v, 1)), ["effective"]))
+            *self._trial(t, v, keep_count(self.min_keep, v, 1)), ["effective"]), step)
         return k2, keep_count(self.min_keep, k2, 1)
 
     # ------------------------------------------------------------------------------------------ evaluation

@@ -17,7 +17,7 @@ from torch import nn
 import envs  # noqa: F401  (registers the ids)
 from agents import evaluate as evaluate_mod
 from agents import train as train_mod
-from agents.algos import ALGOS, OFF_POLICY, ON_POLICY
+from agents.algos import ALGOS, ON_POLICY
 from agents.common import EnvFactory, parse_key_values, split_serializable
 from agents.episode_reward import EpisodeBaselineWrapper, EpisodeRewardReplayBuffer
 from agents.evaluate import evaluate_run, run_episode
@@ -271,7 +271,7 @@ def test_serializable_env_kwargs_record_types(small_kwargs):
 def test_presets_merge_resolve_and_are_valid():
     table = load_presets()
     assert set(table["default"]) == set(ALGOS)
-    for env_id, block in table.items():
+    for block in table.values():
         for algo, hp in block.items():
             resolve(algo, {**table["default"][algo], **hp}, episode_len=12, n_envs=1, action_dim=1)  # no bad keys
     assert get_preset("ppo", "ChannelPrune-ResNet18")["n_steps_episodes"] == 2

@@ -30,11 +30,11 @@ class IndexScorer:
 
 def _episode(baseline):
     env = baseline.setup().eval_env
-    evaluate_policy(baseline, env, n_eval_episodes=1, deterministic=True)
+    evaluate_policy(baseline, env, n_eval_episodes=1, deterministic=True, warn=False)
     return env.last_info
 
 
-# ============================================================================================ shared episode checks
+# ========================================================================================= shared episode checks
 FAST_OPTIONS = {"l1_merge": {}, "pfp": {"images": 32}, "scop": {"steps": 12, "progress": False}}
 
 
@@ -79,7 +79,7 @@ def test_merge_reproduces_unpruned_output_for_scaled_copies_in_a_chain():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
     )
     gen = torch.Generator().manual_seed(1)
-    for conv, bn in [(model[0], model[1]), (model[3], model[4]), (model[7], model[8])]:
+    for bn in (model[1], model[4], model[8]):
         with torch.no_grad():  # non-trivial BN statistics and affine parameters
             bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
             bn.running_var.uniform_(0.5, 2.0, generator=gen)
@@ -122,7 +122,8 @@ def _widen(model: nn.Module, noise: float, seed: int = 0) -> nn.Module:
             w = c1.weight
             scale = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1) / w[0].numel() ** 0.5
             wide1 = nn.Conv2d(c1.in_channels, 2 * c, c1.kernel_size, c1.stride, c1.padding, bias=False)
-            wide1.weight.copy_(torch.cat([w, a.view(-1, 1, 1, 1) * (w + noise * scale * torch.randn(w.shape, generator=gen))]))
+            copies = a.view(-1, 1, 1, 1) * (w + noise * scale * torch.randn(w.shape, generator=gen))
+            wide1.weight.copy_(torch.cat([w, copies]))
             wbn = nn.BatchNorm2d(2 * c)
             wbn.running_mean.copy_(torch.cat([bn.running_mean, a * bn.running_mean]))
             wbn.running_var.copy_(torch.cat([bn.running_var, a * a * (bn.running_var + bn.eps) - bn.eps]))
@@ -130,7 +131,8 @@ def _widen(model: nn.Module, noise: float, seed: int = 0) -> nn.Module:
             wbn.bias.copy_(torch.cat([bn.bias, s * bn.bias]))
             wide2 = nn.Conv2d(2 * c, c2.out_channels, c2.kernel_size, c2.stride, c2.padding, bias=False)
             w2 = c2.weight
-            wide2.weight.copy_(torch.cat([w2 * share.view(1, -1, 1, 1), w2 * ((1 - share) / s).view(1, -1, 1, 1)], 1))
+            split = [w2 * share.view(1, -1, 1, 1), w2 * ((1 - share) / s).view(1, -1, 1, 1)]
+            wide2.weight.copy_(torch.cat(split, 1))
             b.conv1, b.bn1, b.conv2 = wide1, wbn, wide2
     return m.eval()
 

@@ -86,11 +86,12 @@ def assert_state_equal(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
         assert torch.equal(now[k], v), f"base model tensor {k} changed"
 
 
-def run_checkers(env) -> list:
-    """Gymnasium's and SB3's env checkers; returns every warning they raised."""
+def run_checkers(env, render: bool = True) -> list:
+    """Gymnasium's and SB3's env checkers; returns every warning they raised. Gymnasium's render check re-makes the
+    env from its spec in every render mode, so it needs an env from ``gym.make`` (``render=False`` otherwise)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gym_check_env(env.unwrapped)
+        gym_check_env(env.unwrapped, skip_render_check=not render)
         sb3_check_env(env.unwrapped)
         sb3_check_env(env)  # through the registered wrappers (TimeLimit, OrderEnforcing, PassiveEnvChecker)
     return [f"{w.category.__name__}: {w.message}" for w in caught]
@@ -131,10 +132,12 @@ def test_every_registered_id_passes_checkers(tiny_setup, env_id):
 
 
 def test_resnet20_checkers_with_every_reward_and_penalty_mode(tiny_gym_kwargs):
+    # (internal_only changes the groups, hence the learned predictor's cache key: the L1 scorer avoids a refit)
     for kwargs in (dict(reward="acc_flops"), dict(reward="paper7"), dict(budget_mode="penalty"),
-                   dict(target="params"), dict(internal_only=True), dict(mode="runtime", storage_budget=0.6)):
+                   dict(target="params"), dict(internal_only=True, scorer="l1"),
+                   dict(mode="runtime", storage_budget=0.6)):
         env = gym.make("ChannelPrune-ResNet20", **tiny_gym_kwargs, **kwargs)
-        assert run_checkers(env) == [], kwargs
+        assert run_checkers(env, render=False) == [], kwargs
 
 
 # ---------------------------------------------------------------------------------------------------- pickling
@@ -229,9 +232,10 @@ BUDGET_CASES = [
     dict(target="flops", budget=0.3, round_to=4, min_keep=0.2),
     dict(target="params", budget=0.3, round_to=1),
     dict(target="params", budget=0.5, round_to=4),
-    dict(target="flops", budget=0.3, internal_only=True),
+    dict(target="flops", budget=0.3, internal_only=True, scorer="l1"),
     dict(mode="runtime", budget=0.3, round_to=1),
     dict(mode="runtime", budget=0.5, round_to=4),
+    dict(mode="runtime", budget=0.25, round_to=4),  # the runtime wall shrinks static counts: on the round_to grid
     dict(mode="runtime", budget=0.4, storage_budget=0.5),
 ]
 RATIO_KEY = {"flops": "flops_ratio", "params": "params_ratio", "latency": "latency_ratio"}
@@ -257,10 +261,11 @@ def test_wall_never_exceeds_budget(make_env, monkeypatch, kwargs):
     assert max(spent) > 0.8 * env.budget  # random actions do reach the wall: the test is not vacuous
 
 
-@pytest.mark.parametrize("budget,round_to", [(0.6, 1), (0.75, 4)])
+@pytest.mark.parametrize("budget,round_to", [(0.6, 1), (0.9, 4)])
 def test_wall_never_exceeds_latency_budget(make_env, monkeypatch, budget, round_to):
     # At batch 1 a tiny net's latency is mostly per-layer overhead (the look-up table cannot go below ~90%), so
-    # the table is measured at batch 64 where convolutions dominate.
+    # the table is measured at batch 64 where convolutions dominate (min_keep everywhere: ~40% with round_to=1,
+    # ~75% with round_to=4, which keeps 4 of the first stage's 8 channels).
     env = make_env(target="latency", budget=budget, round_to=round_to, latency_batch=64)
     skip_evaluation(monkeypatch, env)
     for ep in range(30):
@@ -417,7 +422,7 @@ def test_user_model_runs_an_episode(tiny_setup):
     env = ChannelPruneEnv(model=model, example_input=torch.zeros(1, 1, 28, 28), data=data, scorer="l1",
                           budget=0.5, progress=False)
     assert env.n_groups == 3 and [g.num_channels for g in env.groups] == [8, 16, 16]
-    assert run_checkers(env) == []
+    assert run_checkers(env, render=False) == []
     info = run_episode(env)[-1][2]
     assert info["flops_ratio"] <= 0.5 + 1e-9 and 0 <= info["accuracy"] <= 1
     assert_state_equal(model, snap)
