@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import signal
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,8 @@ def train(
             counted over all envs; training stops right after the episode that reaches the count.
         n_envs: parallel envs (SubprocVecEnv when > 1).
         seed: seeds SB3 (networks, exploration, env resets).
-        out: run directory (created; must be writable). Default ``runs/<env id>/<algo>_s<seed>_<time>``.
+        out: run directory (created; must be writable; a previous run's best.json and model.zip there are
+            removed first). Default ``runs/<env id>/<algo>_s<seed>_<time>``.
         progress: tqdm progress bar.
         episode_reward: AMC's episode-level reward assignment (None: the preset's choice).
         presets: a preset file or dict instead of the packaged ``agents/presets.yaml``.
@@ -187,20 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C: the model and best.json so far are kept
+    signal.signal(signal.SIGTERM, _interrupt)
+    out = args.out or default_run_dir(args.algo, args.env, args.seed)
     try:
         env_kwargs = parse_key_values(args.env_kwargs, "--env-kwargs")
         overrides = parse_key_values(args.hyperparams, "--hyperparams")
         run_dir = train(args.algo, args.env, env_kwargs, episodes=args.episodes, timesteps=args.timesteps,
-                        n_envs=args.n_envs, seed=args.seed, out=args.out, progress=not args.no_progress,
+                        n_envs=args.n_envs, seed=args.seed, out=out, progress=not args.no_progress,
                         episode_reward=args.episode_reward, presets=args.presets,
                         tensorboard=not args.no_tensorboard, verbose=args.verbose, **overrides)
     except ValueError as exc:
         parser.error(str(exc))
     except KeyboardInterrupt:
-        print("\ninterrupted: the model and best.json so far are saved in the run directory", file=sys.stderr)
+        print(f"\ninterrupted: the model and best.json so far are saved in {out}", file=sys.stderr)
         return 130
     import json
 

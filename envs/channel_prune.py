@@ -418,18 +418,21 @@ class ChannelPruneEnv(gym.Env):
         return lo + lo_i * step
 
     def _static_step(self, t: int) -> int:
-        """Grid of static counts the wall searches: multiples of round_to (k_min is one unless the group is small)."""
+        """Grid of static counts the wall searches: multiples of round_to, from k_min (itself a multiple unless the
+        group has fewer channels than round_to, where every count is allowed)."""
         return self.round_to if self.k_min[t] % self.round_to == 0 else 1
 
     def _wall_static(self, t: int, k: int) -> int:
         names = ["params"] if self.mode == "runtime" else [self.target]
-        step = self._static_step(t)
-        return self._largest(self.k_min[t], k, lambda v: self._fits(*self._trial(t, v), names), step) if k > self.k_min[t] else k
+        if k <= self.k_min[t]:
+            return k
+        return self._largest(self.k_min[t], k, lambda v: self._fits(*self._trial(t, v), names), self._static_step(t))
 
     def _wall_runtime(self, t: int, k: int, r: int) -> tuple[int, int]:
         step = self._static_step(t)  # shrinking the static count must keep it on the round_to grid
         if not self.gated[t]:
-            k2 = self._largest(self.k_min[t], k, lambda v: self._fits(*self._trial(t, v, v), ["effective"]), step)
+            k2 = self._largest(self.k_min[t], k, lambda v: self._fits(*self._trial(t, v, v), ["effective"]),
+                               step)
             return k2, k2
         r_min = keep_count(self.min_keep, k, 1)
         ok = lambda v: self._fits(*self._trial(t, k, v), ["effective"])  # noqa: E731

@@ -35,7 +35,11 @@ class _State:
 
 
 def _topk(spec: GateSpec, x: torch.Tensor) -> torch.Tensor:
-    sal = F.linear(x.mean((2, 3)), spec.weight, spec.bias)
+    return _topk_pooled(spec, x.mean((2, 3)))
+
+
+def _topk_pooled(spec: GateSpec, pooled: torch.Tensor) -> torch.Tensor:
+    sal = F.linear(pooled, spec.weight, spec.bias)
     return sal.topk(spec.k, dim=1).indices.sort(dim=1).values
 
 
@@ -52,19 +56,24 @@ class _SparseConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         w = self.conv.weight  # (C_out, C_in, kh, kw)
+        idx_in = None
+        if self.in_state is not None:
+            idx_in = self.in_state.idx
+            k_in = idx_in.shape[1]
+            # only the computed channels: the others hold BN(0), not the zeros of the dense execution
+            x = x.gather(1, idx_in[:, :, None, None].expand(b, k_in, *x.shape[2:]))
         idx_out = None
         if self.out_spec is not None:
-            # the gate reads the pooled full (kept-width) input, as in the dense execution and the env's cost
-            idx_out = _topk(self.out_spec, x)
+            pooled = x.mean((2, 3))
+            if idx_in is not None:  # the gate reads the kept-width pooled input, zeros where not computed
+                pooled = pooled.new_zeros(b, self.conv.in_channels).scatter_(1, idx_in, pooled)
+            idx_out = _topk_pooled(self.out_spec, pooled)
             self.out_state.idx = idx_out
             w = w[idx_out]  # (B, k_out, C_in, kh, kw): each input's own filters
         else:
             w = w.unsqueeze(0).expand(b, *w.shape)  # (B, C_out, C_in, kh, kw) view
-        if self.in_state is not None:
-            idx_in = self.in_state.idx
-            k_in = idx_in.shape[1]
-            x = x.gather(1, idx_in[:, :, None, None].expand(b, k_in, *x.shape[2:]))  # only the computed channels
-            w = w.gather(2, idx_in[:, None, :, None, None].expand(b, w.shape[1], k_in, *w.shape[3:]))
+        if idx_in is not None:
+            w = w.gather(2, idx_in[:, None, :, None, None].expand(b, w.shape[1], idx_in.shape[1], *w.shape[3:]))
         k_out, k_in = w.shape[1], w.shape[2]
         out = F.conv2d(x.reshape(1, b * k_in, *x.shape[2:]), w.reshape(b * k_out, k_in, *w.shape[3:]), None,
                        self.conv.stride, self.conv.padding, self.conv.dilation, groups=b)

@@ -437,3 +437,11 @@ def test_ppo_with_episode_reward_and_two_subprocess_envs(tmp_path):
     assert cfg["n_envs"] == 2 and cfg["hyperparams"]["gae_lambda"] == 1.0 and cfg["hyperparams"]["n_steps"] == 6
     best = json.loads((run / "best.json").read_text())
     assert best["reward"] == max(float(r["accuracy"]) for r in rows)
+
+
+def test_timestep_budget(tmp_path):
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1)
+    run = train("a2c", ENV_ID, kwargs, timesteps=30, seed=0, out=tmp_path, progress=False, tensorboard=False)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["timesteps_done"] == 30 and cfg["episodes"] is None and cfg["hyperparams"]["n_steps"] == 3
+    assert len(read_csv(run / "episodes.csv")) == 10  # 3-step episodes

@@ -1,5 +1,5 @@
-"""Runtime (per-input) pruning and the importance predictors: effective FLOPs, the learned gate vs. random gates,
-the sparse executor (same logits, really fewer multiply-accumulates), the static scorers and the predictor cache."""
+"""Runtime (per-input) pruning and the importance predictors: effective FLOPs, the learned gate vs. random
+gates, the sparse executor (same logits, really fewer multiply-accumulates), the static scorers, the cache."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_effective_flops_below_static_when_runtime_ratio_below_one(make_env):
     env.data = dataclasses.replace(env.data, reward=_cut(env.data.reward, 32), calib=_cut(env.data.calib, 32))
     env.reset(seed=0)
     ratios = []
-    for t in range(env.n_groups):
+    for _ in range(env.n_groups):
         _, _, _, _, info = env.step(np.array([1.0, -0.5], np.float32))  # keep all, compute ~30% per input
         ratios.append(info["runtime_ratio"])
     assert info["flops_ratio"] == pytest.approx(1.0) and info["params_ratio"] == pytest.approx(1.0)
@@ -64,7 +64,7 @@ def test_effective_flops_below_static_when_runtime_ratio_below_one(make_env):
         assert env.gated[i] == (env.groups[i].kind == "internal")
     # the same plan with every runtime ratio at 1 costs exactly the static FLOPs
     env.reset(seed=0)
-    for t in range(env.n_groups):
+    for _ in range(env.n_groups):
         _, _, _, _, info = env.step(np.array([1.0, 1.0], np.float32))
     assert info["effective_flops_ratio"] == pytest.approx(info["flops_ratio"])
 
@@ -137,6 +137,12 @@ def test_sparse_executor_on_a_chain_of_gated_convs():
     """VGG: each gated conv both reads the previous gate's channels and computes only its own gate's channels."""
     torch.manual_seed(0)
     model = build_model("vgg16_bn", num_classes=10, in_channels=1, width=0.25).eval()
+    with torch.no_grad():  # trained-like BN statistics: BN(0) != 0, so a channel not computed is not a zero
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
     x1 = torch.zeros(1, 1, 28, 28)
     graph = GroupGraph(model, x1)
     layout = [v for v in gate_layout(graph) if v is not None]
@@ -147,8 +153,8 @@ def test_sparse_executor_on_a_chain_of_gated_convs():
     for i, prod, bn, cons in layout:
         c_out, c_in = graph.groups[i].num_channels, mods[prod].in_channels
         rt[i] = max(1, c_out // 2 - i % 3)
-        specs.append(GateSpec(prod, bn, cons, torch.randn(c_out, c_in, generator=gen), torch.randn(c_out, generator=gen),
-                              rt[i]))
+        weight, bias = torch.randn(c_out, c_in, generator=gen), torch.randn(c_out, generator=gen)
+        specs.append(GateSpec(prod, bn, cons, weight, bias, rt[i]))
     dense, sparse = copy.deepcopy(model), copy.deepcopy(model)
     install_gates(dense, specs, sparse=False)
     install_gates(sparse, specs, sparse=True)
