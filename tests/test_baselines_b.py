@@ -184,9 +184,12 @@ def test_channel_gating_episode_in_runtime_env(make_env):
     np.testing.assert_array_equal(b1.runtime_ratios, b2.runtime_ratios)
 
 
-def test_channel_gating_needs_runtime_mode(make_env):
-    with pytest.raises(ValueError, match="mode='runtime'"):
-        make_baseline("channel_gating", make_env()).setup()
+def test_channel_gating_on_a_static_env_runs_in_runtime_mode(make_env):
+    env = make_env(budget=0.6)
+    b = make_baseline("channel_gating", env).setup()
+    assert b.eval_env.mode == "runtime" and env.mode == "static"
+    evaluate_policy(b, b.eval_env, n_eval_episodes=1)
+    assert b.eval_env.last_info["effective_flops_ratio"] <= 0.6 + 1e-9
 
 
 # ------------------------------------------------------------------------------------------ full ResNet-18
