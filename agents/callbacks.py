@@ -46,7 +46,6 @@ class EpisodeRecorder(BaseCallback):
         self.progress, self.tensorboard = progress, tensorboard
         self.episodes = 0
         self.best: dict[str, Any] | None = None
-        self.rewards: list[float] = []
         self._csv = self._writer = self._tb = self._bar = None
         self._t0 = time.perf_counter()
 
@@ -103,7 +102,6 @@ class EpisodeRecorder(BaseCallback):
 
     def _record(self, env_index: int, reward: float, info: dict[str, Any]) -> None:
         self.episodes += 1
-        self.rewards.append(reward)
         row = {"episode": self.episodes, "timesteps": self.num_timesteps, "env": env_index, "reward": reward,
                "accuracy": info.get("accuracy"), "flops_ratio": info.get("flops_ratio"),
                "params_ratio": info.get("params_ratio"),

@@ -112,6 +112,8 @@ def train(
     if timesteps is not None:
         timesteps = _positive_int(timesteps, "timesteps")
     n_envs = _positive_int(n_envs, "n_envs")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
     table = presets if isinstance(presets, dict) else load_presets(presets)
     hp = get_preset(algo, env_id, table)
     check_keys(algo, hp, f"preset for {env_id}/{algo}")
@@ -151,8 +153,9 @@ def train(
         status = "finished"
         try:
             model.learn(total_timesteps=total, callback=recorder, tb_log_name=algo, progress_bar=False)
-        except KeyboardInterrupt:
-            status = "interrupted"
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            status = "interrupted" if interrupted else f"failed: {type(exc).__name__}: {exc}"
             raise
         finally:
             recorder.close()

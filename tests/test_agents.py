@@ -41,15 +41,16 @@ def small_kwargs(tiny_gym_kwargs):
     return {**tiny_gym_kwargs, "data": small}
 
 
-def synthetic_kwargs(k: int = 16, copies: int = 4, depth: int = 2) -> dict:
+def synthetic_kwargs(k: int = 16, copies: int = 8, depth: int = 2, budget: float = 0.25) -> dict:
     """A ChannelPruneEnv setting where the right allocation is known (1x1 convs on k-dim Gaussian inputs).
 
     The label is the argmax of the k input features. The chain is E0 R0 E1 R1 E2 (+ an identity classifier):
     an "essential" group E has k channels, channel j carrying feature j (pruning it loses class j); a "redundant"
     group R has copies*k channels, copies of the k features (any k of them, in index order, keep every class,
-    since BN recalibration restores the scale). At budget 0.5 the right plan keeps every E whole and prunes every
-    R to about 1/copies (accuracy ~0.94); keeping everything alike forces the wall to cut the late E groups.
-    Channel choice is by L1 norm (all equal: index order), so no importance predictor is trained.
+    since BN recalibration restores the scale). The right plan keeps every E whole and prunes every R to about
+    1/copies; with the defaults (budget 0.25) it reaches ~0.95 accuracy (0.79 with R at min_keep), the best
+    constant action 0.43, random actions 0.23 on average, and keeping everything alike lets the wall cut the late
+    E groups. Channel choice is by L1 norm (all equal: index order), so no importance predictor is trained.
     """
     g = torch.Generator().manual_seed(0)
 
@@ -78,7 +79,7 @@ def synthetic_kwargs(k: int = 16, copies: int = 4, depth: int = 2) -> dict:
     with torch.no_grad():  # BN statistics of the base model
         model.train()(data.calib.x)
     model.eval()
-    return dict(model=model, data=data, scorer="l1", budget=0.5, progress=False)
+    return dict(model=model, data=data, scorer="l1", budget=budget, progress=False)
 
 
 def read_csv(path) -> list[dict]:
@@ -140,28 +141,50 @@ def _random_mean(kwargs: dict, episodes: int = 20, seed: int = 0) -> float:
     return float(np.mean(rewards))
 
 
-@pytest.mark.parametrize("algo,episodes", [("ppo", 120), ("ddpg", 120)])
-def test_agent_beats_random_actions(algo, episodes, tmp_path):
-    """PPO (paper 7's preset) and DDPG (AMC's preset, unchanged) learn the known allocation far better than chance.
+def _constant_best(kwargs: dict) -> float:
+    """The best reward of a policy that plays one action at every step (a grid of 21 actions)."""
+    env = gym.make(ENV_ID, **kwargs)
 
-    Random actions average ~0.33 accuracy on this env; the right plan gives ~0.94. The deterministic policy after a
-    fixed episode budget must beat the random mean by 0.2 (observed 0.63-0.83 for both over seeds 0-3).
+    class Constant:
+        def __init__(self, a: float):
+            self.a = np.array([a], dtype=np.float32)
+
+        def predict(self, obs, deterministic=True):
+            return self.a, None
+
+    return max(run_episode(Constant(a), env)[0] for a in np.linspace(-1, 1, 21))
+
+
+@pytest.mark.parametrize("algo", ["ppo", "ddpg"])
+def test_agent_beats_random_actions(algo, tmp_path):
+    """PPO (paper 7's preset) and DDPG (AMC's preset, unchanged) learn far better than chance in 150 episodes.
+
+    On this env the untrained agents score 0.125, random actions ~0.23 on average, the best constant action 0.43,
+    the right allocation ~0.95. The deterministic policy must beat the random mean by 0.2; PPO must also beat the
+    best constant action by 0.15, i.e. have learned a per-group allocation (observed, seeds 0-3: PPO 0.79 each;
+    DDPG 0.79, 0.43, 0.56, 0.49).
     """
     kwargs = synthetic_kwargs()
     random_mean = _random_mean(kwargs)
-    assert 0.2 < random_mean < 0.45  # the test's premise: chance is poor here
-    run = train(algo, ENV_ID, kwargs, episodes=episodes, seed=0, out=tmp_path, progress=False, tensorboard=False)
+    assert 0.15 < random_mean < 0.3  # the test's premise: chance is poor here
+    run = train(algo, ENV_ID, kwargs, episodes=150, seed=0, out=tmp_path, progress=False, tensorboard=False)
     model = ALGOS[algo].load(run / "model.zip", device="cpu")
     reward, info = run_episode(model, gym.make(ENV_ID, **kwargs))
     assert reward > random_mean + 0.2, (reward, random_mean, info["kept_counts"])
-    best = json.loads((run / "best.json").read_text())
-    assert best["reward"] >= reward - 1e-12 or best["reward"] > random_mean + 0.2
+    if algo == "ppo":
+        constant = _constant_best(kwargs)
+        assert constant < 0.5 and reward > constant + 0.15, (reward, constant, info["kept_counts"])
+        kept = info["kept_counts"]
+        assert min(kept[0], kept[2], kept[4]) >= 12 and max(kept[1], kept[3]) <= 32  # E kept, R pruned
 
 
 # ---------------------------------------------------------------------------------------------- best.json
-def test_best_json_replays_exactly_and_evaluates(small_kwargs, tmp_path):
-    run = train("ppo", ENV_ID, small_kwargs, episodes=4, seed=3, out=tmp_path, progress=False, tensorboard=False)
+@pytest.mark.parametrize("mode", ["static", "runtime"])
+def test_best_json_replays_exactly_and_evaluates(mode, small_kwargs, tmp_path):
+    kwargs = {**small_kwargs, "mode": mode}
+    run = train("ppo", ENV_ID, kwargs, episodes=4, seed=3, out=tmp_path, progress=False, tensorboard=False)
     best = json.loads((run / "best.json").read_text())
+    assert best["mode"] == mode
     data = small_kwargs["data"]
     with pytest.raises(ValueError, match="data"):
         make_env_from_best(run / "best.json")  # the DatasetSplits could not be recorded: must be passed
@@ -172,13 +195,17 @@ def test_best_json_replays_exactly_and_evaluates(small_kwargs, tmp_path):
     assert info["flops_ratio"] == best["flops_ratio"]
     assert info["params_ratio"] == best["params_ratio"]
     assert info["keep_ratios"] == best["keep_ratios"]
+    assert info["runtime_ratios"] == best["runtime_ratios"]
+    assert info["effective_flops_ratio"] == best["effective_flops_ratio"]
     assert reward == best["reward"]
+    if mode == "runtime":  # the runtime ratios are part of what is replayed
+        assert any(r < 1.0 for r in best["runtime_ratios"])
 
     # batched observations: one action per row, each for the row's own step
     obs0, _ = env.reset()
     obs1, *_ = env.step(policy.predict(obs0)[0])
     acts, state = policy.predict(np.stack([obs0, obs1]))
-    assert acts.shape == (2, 1) and state is None
+    assert acts.shape == (2, 2 if mode == "runtime" else 1) and state is None
     assert np.allclose(acts[0], policy.action_for_step(0)) and np.allclose(acts[1], policy.action_for_step(1))
 
     results = evaluate_run(run, data=data)
@@ -244,6 +271,7 @@ def _no_env(*args, **kwargs):
     (("ppo", ENV_ID), {"episodes": 3, "timesteps": 30}, r"not both"),
     (("ppo", ENV_ID), {"episodes": 0}, r"episodes=0"),
     (("ppo", ENV_ID), {"n_envs": 0}, r"n_envs=0"),
+    (("ppo", ENV_ID), {"seed": -1}, r"seed=-1"),
     (("ppo", ENV_ID), {"learning_rat": 1e-3}, r"'learning_rat'.*learning_rate"),
     (("ddpg", ENV_ID), {"n_steps_episodes": 2}, r"'n_steps_episodes'.*warmup_episodes"),
 ])
@@ -326,7 +354,7 @@ def test_ddpg_explores_with_truncated_noise_after_warmup(n_envs, monkeypatch):
     with sigma_e decaying per episode counted over all envs."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    kwargs = synthetic_kwargs(k=4, copies=2, depth=1)
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
     vec = DummyVecEnv([EnvFactory(ENV_ID, kwargs) for _ in range(n_envs)])
     res = resolve("ddpg", {**get_preset("ddpg", ENV_ID), "warmup_episodes": 2}, episode_len=3, n_envs=n_envs,
                   action_dim=1)
@@ -380,7 +408,7 @@ def test_ddpg_episode_reward_in_training_credits_every_transition(tmp_path):
     """AMC's case: in DDPG's replay buffer every transition of an episode carries that episode's final reward."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    kwargs = synthetic_kwargs(k=4, copies=2, depth=1)
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
     n_envs, n_groups, episodes = 2, 3, 8
     vec = DummyVecEnv([EnvFactory(ENV_ID, kwargs) for _ in range(n_envs)])
     res = resolve("ddpg", {**get_preset("ddpg", ENV_ID), "warmup_episodes": 2}, episode_len=n_groups,
@@ -407,7 +435,7 @@ def test_ddpg_episode_reward_in_training_credits_every_transition(tmp_path):
 
 
 def test_on_policy_episode_baseline_wrapper():
-    kwargs = synthetic_kwargs(k=4, copies=2, depth=1)
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
     env = EpisodeBaselineWrapper(gym.make(ENV_ID, **kwargs), alpha=0.5)
     shaped, raw = [], []
     for a in (1.0, -1.0, 0.5):
@@ -427,7 +455,7 @@ def test_on_policy_episode_baseline_wrapper():
 def test_ppo_with_episode_reward_and_two_subprocess_envs(tmp_path):
     """--n-envs 2 (SubprocVecEnv) with the on-policy episode-level reward: episodes from both workers are logged,
     best.json keeps the env's raw reward (not the baseline-shifted one)."""
-    kwargs = synthetic_kwargs(k=4, copies=2, depth=1)
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
     run = train("ppo", ENV_ID, kwargs, episodes=8, n_envs=2, seed=0, out=tmp_path, progress=False,
                 tensorboard=False, episode_reward=True, n_steps_episodes=2)
     rows = read_csv(run / "episodes.csv")
@@ -440,7 +468,7 @@ def test_ppo_with_episode_reward_and_two_subprocess_envs(tmp_path):
 
 
 def test_timestep_budget(tmp_path):
-    kwargs = synthetic_kwargs(k=4, copies=2, depth=1)
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
     run = train("a2c", ENV_ID, kwargs, timesteps=30, seed=0, out=tmp_path, progress=False, tensorboard=False)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["timesteps_done"] == 30 and cfg["episodes"] is None and cfg["hyperparams"]["n_steps"] == 3
