@@ -35,6 +35,7 @@ from typing import Any
 
 import stable_baselines3
 import torch
+from stable_baselines3.common.logger import HumanOutputFormat, Logger
 
 from envs.channel_prune import ChannelPruneEnv
 
@@ -146,6 +147,8 @@ def train(
 
         model = ALGOS[algo](env=vec_env, seed=seed, verbose=verbose,
                             tensorboard_log=str(run_dir / "tb") if tensorboard else None, **res.kwargs)
+        if not tensorboard:  # SB3's default logger would create an empty /tmp/SB3-<time> folder per run
+            model.set_logger(Logger(None, [HumanOutputFormat(sys.stdout)] if verbose else []))
         total = episodes * n_groups if episodes is not None else timesteps
         recorder = EpisodeRecorder(run_dir, meta, max_episodes=episodes, total_timesteps=total, progress=progress,
                                    tensorboard=tensorboard)

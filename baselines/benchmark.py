@@ -222,12 +222,13 @@ def plot_pareto(rows: list[dict], path: Path, env_id: str) -> None:
     markers = "osD^v<>pPX*hH"
     methods = sorted({r["method"] for r in rows if r["status"] == "ok" and r["kind"] != "reference"})
     for i, m in enumerate(methods):
-        pts = [(float(r["flops_ratio"]), float(r["test_acc"])) for r in rows if r["method"] == m and r["status"] == "ok"]
+        pts = [(float(r["effective_flops_ratio"]), float(r["test_acc"])) for r in rows
+               if r["method"] == m and r["status"] == "ok"]
         ax.scatter(*zip(*pts), marker=markers[i % len(markers)], label=m, s=40)
     ref = [float(r["test_acc"]) for r in rows if r["method"] == "unpruned" and r["status"] == "ok"]
     if ref:
         ax.axhline(ref[0], color="k", ls="--", lw=1, label="unpruned")
-    ax.set_xlabel("FLOPs ratio (MACs kept)")
+    ax.set_xlabel("FLOPs ratio (MACs computed per input; = static FLOPs except for runtime methods)")
     ax.set_ylabel("test accuracy after fine-tune")
     ax.set_title(env_id)
     ax.legend(fontsize=7, ncol=2)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from stable_baselines3.common.logger import Logger
 from torch import nn
 
 import envs  # noqa: F401  (registers the ids)
@@ -359,6 +360,7 @@ def test_ddpg_explores_with_truncated_noise_after_warmup(n_envs, monkeypatch):
     res = resolve("ddpg", {**get_preset("ddpg", ENV_ID), "warmup_episodes": 2}, episode_len=3, n_envs=n_envs,
                   action_dim=1)
     model = ALGOS["ddpg"](env=vec, seed=0, **res.kwargs)
+    model.set_logger(Logger(None, []))  # no /tmp/SB3-* folder
     seen = []  # (episode index, sigma) of every noisy sample
     original = TruncatedNormalActionNoise.around
 
@@ -415,6 +417,7 @@ def test_ddpg_episode_reward_in_training_credits_every_transition(tmp_path):
                   n_envs=n_envs, action_dim=1)
     assert res.kwargs["replay_buffer_class"] is EpisodeRewardReplayBuffer
     model = ALGOS["ddpg"](env=vec, seed=0, **res.kwargs)
+    model.set_logger(Logger(None, []))  # no /tmp/SB3-* folder
     finals = []
 
     from stable_baselines3.common.callbacks import BaseCallback
