@@ -7,9 +7,10 @@ For each budget and method: the method plans its keep ratios in the env (baselin
 agents: trained here with ``agents.train``, or loaded from ``--agent-runs``, and replayed from ``best.json``);
 one env episode gives the accuracy before fine-tuning on the reward split, the FLOPs / params / effective-FLOPs
 ratios and how much the action wall clamped the plan; then the physically pruned network gets the same fixed
-fine-tune (``envs.finetune``: SGD, cosine schedule, ``--finetune-steps``) for every method, and is evaluated once on
-the real test split. The exported (physically pruned, static) network's CPU latency at batch 64 is measured
-against the unpruned net.
+fine-tune (``envs.finetune``: SGD, cosine schedule, ``--finetune-steps``) for every method, and is evaluated once
+on the real test split. The exported (physically pruned, static) network's CPU latency at batch 64 is measured
+against the unpruned net, the two alternately (``envs.cost.compare_latency``), so the speed-up is not skewed by
+whatever else the CPU was doing when the unpruned net was timed.
 
 Outputs in ``--out``: ``results.csv`` (appended row by row as methods finish; a rerun skips finished rows),
 ``results.md``, ``pareto.png`` (test accuracy vs FLOPs), ``keep_ratios.png`` (per-group keep ratios per method),
@@ -29,11 +30,10 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-import torch
 import yaml
 
 import envs  # noqa: F401 - registers the ids
-from envs.cost import measure_latency
+from envs.cost import compare_latency, measure_latency
 
 FIELDS = [
     "method", "kind", "budget", "status", "reward_acc_before_ft", "reward_acc_after_ft", "test_acc",
@@ -79,7 +79,7 @@ def run_policy(env, policy) -> dict:
             return info
 
 
-def evaluate_plan(env, info: dict, finetune_steps: int, base_latency: float, progress: bool) -> dict:
+def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool) -> dict:
     """Fine-tune the pruned net of ``info`` with the common recipe; test accuracy; exported latency."""
     from envs.finetune import finetune
 
@@ -94,9 +94,9 @@ def evaluate_plan(env, info: dict, finetune_steps: int, base_latency: float, pro
     acc_after, _ = env.evaluate(net, "reward")
     test_acc, _ = env.evaluate(net, "test")
     static = env.graph.prune_copy(env.kept_channels(kept))  # exported net: static pruning only
-    lat = measure_latency(static, tuple(env.example_input.shape[1:]), batch_size=64, repeats=5)
+    lat, base_lat = compare_latency(static, env.base_model, tuple(env.example_input.shape[1:]), batch_size=64)
     return {"reward_acc_after_ft": acc_after, "test_acc": test_acc, "latency_b64_ms": 1000 * lat,
-            "speedup_b64": base_latency / lat, "finetune_seconds": ft_s}
+            "speedup_b64": base_lat / lat, "finetune_seconds": ft_s}
 
 
 def _row_from_info(method: str, kind: str, budget: float, info: dict) -> dict:
@@ -130,8 +130,9 @@ def benchmark(
     agent_runs = agent_runs or {}
     for budget in budgets:
         env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
-        base_lat = measure_latency(env.base_model, tuple(env.example_input.shape[1:]), batch_size=64, repeats=5)
         if ("unpruned", 1.0) not in done:
+            shape = tuple(env.example_input.shape[1:])
+            base_lat = measure_latency(env.base_model, shape, batch_size=64, repeats=15)
             acc, _ = env.evaluate(env.base_model, "reward")
             test, _ = env.evaluate(env.base_model, "test")
             _append_row(csv_path, {"method": "unpruned", "kind": "reference", "budget": 1.0, "status": "ok",
@@ -166,7 +167,7 @@ def benchmark(
                 info = run_policy(run_env, policy)
                 search_s = time.perf_counter() - t0
                 row = _row_from_info(name, kind, budget, info)
-                row.update(evaluate_plan(run_env, info, finetune_steps, base_lat, progress))
+                row.update(evaluate_plan(run_env, info, finetune_steps, progress))
                 row.update(status="ok", search_seconds=search_s)
             except Exception as exc:  # noqa: BLE001 - one method's crash must not lose the others' rows
                 traceback.print_exc()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -10,7 +9,6 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 
@@ -18,7 +16,8 @@ from .data import DatasetSplits, load_dataset
 from .groups import GroupGraph, keep_count
 from .importance import SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout, make_scorer
 from .latency import LatencyTable
-from .pretrain import Recipe, checkpoint_path, get_pretrained
+from .pretrain import Recipe, checkpoint_path, evaluate, get_pretrained
+from .inference import inference_context, resolve_precision
 from .runtime import GateSpec, install_gates
 
 TARGETS = ("flops", "params", "latency")
@@ -111,7 +110,7 @@ class ChannelPruneEnv(gym.Env):
     ``loss``, ``flops_ratio`` (static MACs), ``params_ratio``, ``effective_flops_ratio`` (per-input MACs actually
     computed, gates included; equal to ``flops_ratio`` in static mode), ``latency_ratio`` (look-up-table
     prediction; when ``target="latency"`` or ``latency=True``), ``keep_ratios``, ``runtime_ratios``,
-    ``kept_channels`` (indices per group), ``clamp_total``, ``eval_seconds``.
+    ``kept_channels`` (indices per group), ``clamp_total``, ``eval_seconds``, ``eval_precision``.
 
     ## Arguments
 
@@ -121,7 +120,9 @@ class ChannelPruneEnv(gym.Env):
     ``storage_budget`` (runtime mode: parameters kept), ``reward`` in {acc, acc_flops, paper7}, ``budget_mode`` in
     {wall, penalty}, ``reward_size``, ``calib_size``, ``split_seed``, ``min_keep`` in (0, 1], ``round_to``,
     ``scorer`` ("learned", "l1", "bn", "taylor" or an object with ``scores(ctx)``), ``internal_only``,
-    ``compensate`` (None, "merge" for neuron merging, or a callable), ``render_mode`` ("ansi", "rgb_array").
+    ``compensate`` (None, "merge" for neuron merging, or a callable), ``render_mode`` ("ansi", "rgb_array"),
+    ``eval_batch_size``, ``eval_precision`` ("auto": bfloat16 autocast where the CPU has fast bf16 kernels, about
+    2.3x faster, accuracies within ~0.1 point of float32; "fp32"; "bf16"; see ``envs.inference``).
     A user model needs ``example_input`` and ``data`` (a ``DatasetSplits``).
 
     ## Example
@@ -167,7 +168,8 @@ class ChannelPruneEnv(gym.Env):
         pretrain_epochs: int | None = None,
         pretrain_max_train: int | None = None,
         importance_samples: int = 8,
-        eval_batch_size: int = 500,
+        eval_batch_size: int = 250,
+        eval_precision: str = "auto",
         example_input: torch.Tensor | None = None,
         data: DatasetSplits | None = None,
         render_mode: str | None = None,
@@ -180,6 +182,7 @@ class ChannelPruneEnv(gym.Env):
         self.storage_budget, self.budget_mode, self.penalty_coef = float(storage_budget), budget_mode, penalty_coef
         self.min_keep, self.round_to, self.render_mode = float(min_keep), int(round_to), render_mode
         self.eval_batch_size, self.compensate_spec, self.want_latency = eval_batch_size, compensate, bool(latency)
+        self.eval_precision = resolve_precision(eval_precision)
         self._init_kwargs = dict(
             model=model, dataset=dataset, data_dir=data_dir, checkpoint=checkpoint, width=width, budget=budget,
             target=target, mode=mode, storage_budget=storage_budget, reward=reward, budget_mode=budget_mode,
@@ -187,8 +190,8 @@ class ChannelPruneEnv(gym.Env):
             min_keep=min_keep, round_to=round_to, scorer=scorer, internal_only=internal_only,
             compensate=compensate, latency=latency, latency_batch=latency_batch, train_if_missing=train_if_missing,
             pretrain_epochs=pretrain_epochs, pretrain_max_train=pretrain_max_train,
-            importance_samples=importance_samples, eval_batch_size=eval_batch_size, render_mode=render_mode,
-            progress=progress,
+            importance_samples=importance_samples, eval_batch_size=eval_batch_size, eval_precision=eval_precision,
+            render_mode=render_mode, progress=progress,
         )
 
         # --- data and base model (cached; never modified)
@@ -489,22 +492,21 @@ class ChannelPruneEnv(gym.Env):
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        for x, _ in self.data.calib.batches(256):
-            model(x)
+        with inference_context(model, self.eval_precision):
+            for x, _ in self.data.calib.batches(256):
+                model(x)
         model.eval()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "reward") -> tuple[float, float]:
-        """(accuracy, mean cross-entropy) on a split ("reward", "calib" or "test")."""
-        data = getattr(self.data, split)
+        """(accuracy, mean cross-entropy) on a split ("reward", "calib" or "test"); leaves ``model`` in eval mode.
+
+        Precision and memory format follow ``eval_precision`` (``envs.inference``)."""
+        if split not in ("reward", "calib", "test"):
+            raise ValueError(f"split={split!r} is not allowed; allowed: reward, calib, test")
+        acc_loss = evaluate(model, getattr(self.data, split), self.eval_batch_size, self.eval_precision)
         model.eval()
-        correct, loss, n = 0, 0.0, 0
-        for x, y in data.batches(self.eval_batch_size):
-            out = model(x)
-            loss += F.cross_entropy(out, y, reduction="sum").item()
-            correct += (out.argmax(1) == y).sum().item()
-            n += len(y)
-        return correct / n, loss / n
+        return acc_loss
 
     def _finish(self) -> tuple[float, dict]:
         t0 = time.perf_counter()
@@ -538,6 +540,7 @@ class ChannelPruneEnv(gym.Env):
             info["budget_excess"] = excess
             reward -= self.penalty_coef * (math.exp(excess) - 1.0)
         info["eval_seconds"] = time.perf_counter() - t0
+        info["eval_precision"] = self.eval_precision
         return reward, info
 
     # ------------------------------------------------------------------------------------------ observation

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cost import count_macs, count_params, measure_latency
+from .cost import compare_latency, count_macs, count_params
 from .finetune import finetune
 from .models import build_model
 
@@ -403,12 +403,7 @@ def export_pruned(
                                "statistic": f"seconds per forward pass: the smallest of {rounds} medians of "
                                             f"{per_round} passes, exported and unpruned measured alternately"}
         for b in latency_batches:
-            # alternate the two networks and keep the best round: other processes on the CPU inflate single
-            # medians by several times, and alternating spreads that noise over both networks
-            t_exp, t_base = math.inf, math.inf
-            for _ in range(rounds):
-                t_exp = min(t_exp, measure_latency(exported, shape, b, threads, per_round))
-                t_base = min(t_base, measure_latency(env.base_model, shape, b, threads, per_round))
+            t_exp, t_base = compare_latency(exported, env.base_model, shape, b, threads, rounds, per_round)
             lat[f"batch{b}"] = {"exported_s": t_exp, "base_s": t_base, "speedup": t_base / t_exp}
         report["latency"] = lat
     onnx_info: dict[str, Any] = {"file": None, "skipped": "onnx=False"}

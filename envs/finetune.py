@@ -32,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DatasetSplits
-from .pretrain import _augment, _bf16_ok
+from .inference import bf16_supported
+from .pretrain import _augment
 
 LABEL_SMOOTHING = 0.1
 PAD = 2
@@ -83,7 +84,7 @@ def finetune(
         lr=float(lr), momentum=float(momentum), nesterov=True,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    use_bf16 = _bf16_ok()
+    use_bf16 = bf16_supported()
     gen = torch.Generator().manual_seed(int(seed))
     perm, pos = torch.randperm(n, generator=gen), 0
     model.to(memory_format=torch.channels_last)

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DatasetSplits, Split, load_dataset
+from .inference import bf16_supported, inference_context, resolve_precision
 from .models import build_model
 from .paths import cache_dir
 
@@ -85,13 +86,6 @@ def pretrain_command(model: str, dataset: str, width: float = 1.0, data_dir=None
     return cmd
 
 
-def _bf16_ok() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001 - older builds lack the probe
-        return False
-
-
 def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
     """Per-sample random crop (zero padding) and horizontal flip, on a batch tensor."""
     b, _, h, w = x.shape
@@ -109,16 +103,22 @@ def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 500) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``split`` in eval mode."""
+def evaluate(model: nn.Module, split: Split, batch_size: int = 250, precision: str = "auto"
+             ) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``split`` in eval mode, restoring its mode afterwards.
+
+    ``precision``: "auto", "fp32" or "bf16", as in ``envs.inference``.
+    """
+    precision = resolve_precision(precision)
     was = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
-    for x, y in split.batches(batch_size):
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
+    with inference_context(model, precision):
+        for x, y in split.batches(batch_size):
+            out = model(x).float()
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            n += len(y)
     model.train(was)
     return correct / max(n, 1), loss / max(n, 1)
 
@@ -171,7 +171,7 @@ def train(
             print(f"resuming {path.name} from epoch {start_epoch}/{recipe.epochs}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - a broken partial file restarts training
             print(f"ignoring unreadable partial checkpoint {partial}: {exc}", file=sys.stderr)
-    use_bf16 = recipe.bf16 and _bf16_ok()
+    use_bf16 = recipe.bf16 and bf16_supported()
     model.train()
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()

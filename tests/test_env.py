@@ -18,6 +18,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch import nn
 
 import envs
+from envs.inference import bf16_supported
 import envs.latency
 from envs.channel_prune import ChannelPruneEnv
 from envs.cost import count_macs, count_params
@@ -377,6 +378,7 @@ def test_out_of_range_actions_are_clipped(make_env, monkeypatch):
     (dict(storage_budget=1.2, mode="runtime"), r"storage_budget=1\.2 .*\(0, 1\]"),
     (dict(render_mode="human"), r"render_mode='human'.*ansi"),
     (dict(mode="runtime", target="params"), r"target='params'.*runtime"),
+    (dict(eval_precision="fp16"), r"eval_precision='fp16'.*auto, fp32, bf16"),
 ])
 def test_bad_kwargs_name_value_and_allowed(make_env, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -482,3 +484,26 @@ def test_derive_keeps_settings_and_swaps_the_model(make_env):
     env2 = env.derive(model=tuned, scorer="l1")
     assert env2.budget == 0.4 and env2.round_to == 2 and env2.n_groups == env.n_groups
     assert env2.base_model is tuned and env2.scorer.name == "l1"
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="no fast bf16 on this CPU")
+def test_bf16_evaluation_tracks_fp32_and_leaves_the_model_contiguous(make_env):
+    """The default evaluator (channels-last, bf16 autocast) ranks like exact fp32 and hands the model back as given."""
+    fast, exact = make_env(eval_precision="auto"), make_env(eval_precision="fp32")
+    assert fast.eval_precision == "bf16" and exact.eval_precision == "fp32"
+    for ratio in (1.0, 0.6, 0.3):
+        kept = [max(1, round(ratio * g.num_channels)) for g in exact.groups]
+        net = exact.build_pruned(kept, kept)
+        exact.recalibrate_bn(net)
+        acc32, loss32 = exact.evaluate(net, "reward")
+        acc16, loss16 = fast.evaluate(net, "reward")
+        assert abs(acc16 - acc32) <= 0.01 and abs(loss16 - loss32) <= 0.02 * loss32
+        assert all(p.is_contiguous() for p in net.parameters())
+        assert not net.training
+    # the episode reports which precision produced its accuracy
+    fast.reset(seed=0)
+    done, info = False, {}
+    while not done:
+        _, _, term, trunc, info = fast.step(np.array([0.0], dtype=np.float32))
+        done = term or trunc
+    assert info["eval_precision"] == "bf16"
