@@ -18,11 +18,11 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch import nn
 
 import envs
-from envs.inference import bf16_supported
 import envs.latency
 from envs.channel_prune import ChannelPruneEnv
 from envs.cost import count_macs, count_params
 from envs.data import DatasetSplits, Split
+from envs.inference import bf16_supported
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
