@@ -155,7 +155,7 @@ def merge_compensation(
         if name in merged_w:
             return merged_w[name]
         w = base[name].weight.detach()
-        ig = graph._in_group.get(name)
+        ig = graph.input_group(name)
         if ig is not None and w.ndim >= 2 and not (isinstance(base[name], nn.Conv2d) and base[name].groups > 1):
             w = w[:, torch.as_tensor(kept_sorted[ig])]
         return w
@@ -176,7 +176,7 @@ def merge_compensation(
         merged_w[cons_name] = new
         counts[g.index] = len(pairs)
         # the consumer's own output channels may be pruned by the group it produces
-        og = graph._out_group.get(cons_name)
+        og = graph.output_group(cons_name)
         rows = new if og is None else new[torch.as_tensor(kept_sorted[og])]
         target = pruned[cons_name].weight
         if target.shape != rows.shape:

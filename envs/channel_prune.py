@@ -313,7 +313,7 @@ class ChannelPruneEnv(gym.Env):
         macs = float(self.graph.macs(kept, runtime_kept=rt))
         for i, v in enumerate(self.gate_layout):
             if self.gated[i] and rt[i] < kept[i]:
-                prod = self.graph._in_group.get(v[1])
+                prod = self.graph.input_group(v[1])
                 c_in = kept[prod] if prod is not None else self.graph.model.get_submodule(v[1]).in_channels
                 macs += c_in * kept[i]  # the gate's Linear on the pooled input
         return macs
@@ -477,7 +477,7 @@ class ChannelPruneEnv(gym.Env):
                 continue
             _, prod, bn, cons = v
             w = self.predictors.gates[f"gate{i}.weight"][torch.as_tensor(keep_idx[i])]
-            in_g = self.graph._in_group.get(prod)
+            in_g = self.graph.input_group(prod)
             if in_g is not None:
                 w = w[:, torch.as_tensor(keep_idx[in_g])]
             b = self.predictors.gates[f"gate{i}.bias"][torch.as_tensor(keep_idx[i])]

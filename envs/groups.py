@@ -178,6 +178,14 @@ class GroupGraph:
         self.base_macs = self.macs([g.num_channels for g in self.groups])
         self.base_params = self.params([g.num_channels for g in self.groups])
 
+    def output_group(self, module_name: str) -> int | None:
+        """Index of the group whose channels ``module_name`` produces (conv / linear / BN / depthwise), or None."""
+        return self._out_group.get(module_name)
+
+    def input_group(self, module_name: str) -> int | None:
+        """Index of the group whose channels ``module_name`` consumes as input channels, or None."""
+        return self._in_group.get(module_name)
+
     def macs(self, kept: Sequence[int], runtime_kept: Sequence[float] | None = None) -> int:
         """Exact MACs per example when group ``i`` keeps ``kept[i]`` channels.
 

@@ -34,7 +34,7 @@ class LatencyTable:
         layer_total = 0.0
         for name, shape in shapes.items():
             m = mods[name]
-            og, ig = graph._out_group.get(name), graph._in_group.get(name)
+            og, ig = graph.output_group(name), graph.input_group(name)
             dw = isinstance(m, nn.Conv2d) and m.groups > 1
             table = np.zeros((len(GRID), len(GRID)))
             for a, fo in enumerate(GRID):

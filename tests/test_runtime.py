@@ -119,7 +119,7 @@ def test_sparse_executor_matches_dense_and_counts_effective_macs(make_env):
         if not env.gated[i]:
             continue
         _, prod, _, cons = v
-        in_g = env.graph._in_group.get(prod)
+        in_g = env.graph.input_group(prod)
         c_in = kept[in_g] if in_g is not None else env.base_model.get_submodule(prod).in_channels
         p = module_macs(counts, prod, len(x))
         assert p[conv_op] == static[prod] * rt[i] / kept[i]
