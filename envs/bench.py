@@ -8,6 +8,8 @@ Prints, for one fixed plan (uniform keep ratios fitted to the budget):
 * ``pruned forward + recal``: the same physically pruned net's BN recalibration and reward-split forward alone;
 * ``mask-based``: what AMC-style tools do: the full net with zeroed channels (forward hooks), recalibrated and
   evaluated on the same data;
+* evaluator throughput: the unpruned net on the reward split, images/s, for a plain contiguous float32 loop and
+  for the env's evaluator with ``eval_precision`` "fp32" (channels-last) and "bf16" (channels-last + autocast);
 * resident memory (RSS) before and after ``--memory-episodes`` episodes on a small reward/calibration split
   (memory growth is what matters there, not speed).
 """
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401 - registers the ids
+from envs.inference import bf16_supported
 
 
 def _rss_mb() -> float:
@@ -60,6 +63,26 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def _plain_fp32_eval(model: torch.nn.Module, split, batch_size: int) -> None:
+    model.eval()
+    for x, _ in split.batches(batch_size):
+        model(x).argmax(1)
+
+
+def evaluator_throughput(env, repeats: int) -> dict[str, float]:
+    """Images/s of the unpruned net on the reward split: a plain float32 loop, then the env's evaluator."""
+    n = len(env.data.reward)
+    out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(env.base_model, env.data.reward,
+                                                            env.eval_batch_size), repeats)}
+    for precision in ("fp32", "bf16"):
+        if precision == "bf16" and not bf16_supported():
+            continue
+        other = env.derive(eval_precision=precision)
+        out[precision] = n / _timed(lambda e=other: e.evaluate(e.base_model), repeats)
+    return out
+
+
 def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwargs: dict) -> dict:
     env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
     actions = _uniform_actions(env)
@@ -90,6 +113,7 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
     t_mask = _timed(mask_based, episodes)
     for h in hooks:
         h.remove()
+    throughput = evaluator_throughput(env, episodes)
     result = {
         "env": env_id, "budget": budget, "threads": torch.get_num_threads(),
         "reward_images": len(env.data.reward), "calib_images": len(env.data.calib),
@@ -97,6 +121,7 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
         "episode_s": t_episode, "pruned_forward_recal_s": t_pruned, "pruned_build_forward_recal_s": t_pruned_build,
         "mask_based_s": t_mask,
         "episode_over_pruned_forward": t_episode / t_pruned, "mask_over_episode": t_mask / t_episode,
+        "eval_precision": env.eval_precision, "eval_images_per_s": throughput,
     }
     if memory_episodes > 0:
         small = gym.make(env_id, budget=budget, **{**env_kwargs, "reward_size": 64, "calib_size": 64}).unwrapped
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(episode / this = {res['episode_over_pruned_forward']:.2f}x)")
     print(f"  mask-based (full net, zeroed channels):      {res['mask_based_s']:.2f} s "
           f"(mask / episode = {res['mask_over_episode']:.2f}x)")
+    print("  evaluator, unpruned net, images/s:          " + ", ".join(
+        f"{k} {v:.0f}" for k, v in res["eval_images_per_s"].items()) + f" (env default: {res['eval_precision']})")
     if "rss_mb_end" in res:
         print(f"  RSS over {res['memory_episodes']} episodes: {res['rss_mb_after_10']:.0f} MB after 10 -> "
               f"{res['rss_mb_end']:.0f} MB at the end ({res['rss_growth_mb_10_to_end']:+.0f} MB)")
