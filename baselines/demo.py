@@ -2,7 +2,7 @@
 
 Stages (each timed; the times are written to ``<out>/stages.json`` and printed):
 
-1. data + pretrained ResNet-18 on Fashion-MNIST (trained and cached on first run, ~25 min on 2 cores; then loaded);
+1. data + pretrained ResNet-18 on Fashion-MNIST (trained and cached on first run, ~22 min on 2 cores; then loaded);
 2. the environment: dependency graph, static and runtime importance predictors (trained once, cached);
 3. the benchmark: every baseline and one agent (PPO) at 50% FLOPs, the common fine-tune, test accuracy,
    exported-model latency; table in ``<out>/results.md``, plots ``pareto.png`` and ``keep_ratios.png``.

@@ -15,9 +15,9 @@ from torch import nn
 from .data import DatasetSplits, load_dataset
 from .groups import GroupGraph, keep_count
 from .importance import SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout, make_scorer
+from .inference import inference_context, resolve_precision
 from .latency import LatencyTable
 from .pretrain import Recipe, checkpoint_path, evaluate, get_pretrained
-from .inference import inference_context, resolve_precision
 from .runtime import GateSpec, install_gates
 
 TARGETS = ("flops", "params", "latency")
