@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401 - registers the ids
-from envs.inference import bf16_supported
+from envs.machine import backend
 
 
 def _rss_mb() -> float:
@@ -76,7 +76,7 @@ def evaluator_throughput(env, repeats: int) -> dict[str, float]:
     out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(env.base_model, env.data.reward,
                                                             env.eval_batch_size), repeats)}
     for precision in ("fp32", "bf16"):
-        if precision == "bf16" and not bf16_supported():
+        if precision == "bf16" and not backend(env.device).bf16:
             continue
         other = env.derive(eval_precision=precision)
         out[precision] = n / _timed(lambda e=other: e.evaluate(e.base_model), repeats)

@@ -16,6 +16,7 @@ from .data import DatasetSplits, load_dataset
 from .groups import GroupGraph, keep_count
 from .importance import SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout, make_scorer
 from .inference import inference_context, resolve_precision
+from .machine import resolve_device
 from .latency import LatencyTable
 from .pretrain import Recipe, checkpoint_path, evaluate, get_pretrained
 from .runtime import GateSpec, install_gates
@@ -121,8 +122,11 @@ class ChannelPruneEnv(gym.Env):
     {wall, penalty}, ``reward_size``, ``calib_size``, ``split_seed``, ``min_keep`` in (0, 1], ``round_to``,
     ``scorer`` ("learned", "l1", "bn", "taylor" or an object with ``scores(ctx)``), ``internal_only``,
     ``compensate`` (None, "merge" for neuron merging, or a callable), ``render_mode`` ("ansi", "rgb_array"),
-    ``eval_batch_size``, ``eval_precision`` ("auto": bfloat16 autocast where the CPU has fast bf16 kernels, about
-    2.3x faster, accuracies within ~0.1 point of float32; "fp32"; "bf16"; see ``envs.inference``).
+    ``eval_batch_size``, ``eval_precision`` ("auto": bfloat16 autocast where the machine has fast bf16 kernels,
+    about 2.3x faster on an AVX-512 BF16 CPU, accuracies within ~0.1 point of float32; "fp32"; "bf16"; see
+    ``envs.inference``), ``device`` ("auto": CUDA when available, else CPU; "cpu"; "cuda"; "cuda:N"): where
+    evaluation, BN recalibration, runtime gates and the predictors' training run (the base model stays on the CPU
+    and is never modified; memory format and precision are probed per machine, see ``envs.machine``).
     A user model needs ``example_input`` and ``data`` (a ``DatasetSplits``).
 
     ## Example
@@ -170,6 +174,7 @@ class ChannelPruneEnv(gym.Env):
         importance_samples: int = 8,
         eval_batch_size: int = 250,
         eval_precision: str = "auto",
+        device: str = "auto",
         example_input: torch.Tensor | None = None,
         data: DatasetSplits | None = None,
         render_mode: str | None = None,
@@ -182,7 +187,8 @@ class ChannelPruneEnv(gym.Env):
         self.storage_budget, self.budget_mode, self.penalty_coef = float(storage_budget), budget_mode, penalty_coef
         self.min_keep, self.round_to, self.render_mode = float(min_keep), int(round_to), render_mode
         self.eval_batch_size, self.compensate_spec, self.want_latency = eval_batch_size, compensate, bool(latency)
-        self.eval_precision = resolve_precision(eval_precision)
+        self.device = resolve_device(device)
+        self.eval_precision = resolve_precision(eval_precision, self.device)
         self._init_kwargs = dict(
             model=model, dataset=dataset, data_dir=data_dir, checkpoint=checkpoint, width=width, budget=budget,
             target=target, mode=mode, storage_budget=storage_budget, reward=reward, budget_mode=budget_mode,
@@ -191,7 +197,7 @@ class ChannelPruneEnv(gym.Env):
             compensate=compensate, latency=latency, latency_batch=latency_batch, train_if_missing=train_if_missing,
             pretrain_epochs=pretrain_epochs, pretrain_max_train=pretrain_max_train,
             importance_samples=importance_samples, eval_batch_size=eval_batch_size, eval_precision=eval_precision,
-            render_mode=render_mode, progress=progress,
+            device=device, render_mode=render_mode, progress=progress,
         )
 
         # --- data and base model (cached; never modified)
@@ -212,7 +218,7 @@ class ChannelPruneEnv(gym.Env):
             if pretrain_epochs is not None or pretrain_max_train is not None:
                 recipe = Recipe(epochs=pretrain_epochs or recipe.epochs, max_train=pretrain_max_train)
             base, self.base_meta = get_pretrained(model, data.name, data_dir, width, split_seed, recipe, checkpoint,
-                                                  train_if_missing, data, progress)
+                                                  train_if_missing, data, progress, device=self.device)
             self.model_name = model
             self.checkpoint_file = checkpoint or checkpoint_path(model, data.name, width, split_seed, recipe)
             example_input = data.example_input(1)
@@ -223,7 +229,7 @@ class ChannelPruneEnv(gym.Env):
         self.n_groups = len(self.groups)
 
         # --- importance (static order per group; runtime gates)
-        ctx = ImportanceContext(self.base_model, self.graph, data.calib, data.train)
+        ctx = ImportanceContext(self.base_model, self.graph, data.calib, data.train, device=self.device)
         self.predictors: ImportancePredictors | None = None
         need_pred = scorer == "learned" or mode == "runtime"
         if need_pred:
@@ -492,9 +498,9 @@ class ChannelPruneEnv(gym.Env):
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        with inference_context(model, self.eval_precision):
+        with inference_context(model, self.eval_precision, self.device) as dev:
             for x, _ in self.data.calib.batches(256):
-                model(x)
+                model(x.to(dev))
         model.eval()
 
     @torch.no_grad()
@@ -504,7 +510,7 @@ class ChannelPruneEnv(gym.Env):
         Precision and memory format follow ``eval_precision`` (``envs.inference``)."""
         if split not in ("reward", "calib", "test"):
             raise ValueError(f"split={split!r} is not allowed; allowed: reward, calib, test")
-        acc_loss = evaluate(model, getattr(self.data, split), self.eval_batch_size, self.eval_precision)
+        acc_loss = evaluate(model, getattr(self.data, split), self.eval_batch_size, self.eval_precision, self.device)
         model.eval()
         return acc_loss
 

@@ -8,15 +8,16 @@ same short recipe, so differences come from *which* channels were kept, not from
   (``torch.optim.lr_scheduler.CosineAnnealingLR``, one scheduler step per optimizer step; no warm restarts);
 * weight decay 5e-4 on conv / linear weights only (not on BatchNorm scales and biases, as in ``envs.pretrain``);
 * batches of 64 drawn from ``data.train`` by seeded permutations (a new permutation per pass), with the
-  pretraining augmentation (random crop with 2 pixels of padding + horizontal flip, ``envs.pretrain._augment``);
+  pretraining augmentation (random crop with 2 pixels of padding + horizontal flip, ``envs.training.augment``);
 * cross-entropy with label smoothing 0.1 (the pretraining loss);
-* bfloat16 autocast on CPUs that support it (float32 master weights), channels-last memory format while training.
+* bfloat16 autocast where the machine has fast bf16 kernels (float32 master weights), in the memory format the
+  machine was probed safe and faster with for training (``envs.machine``), on ``device``.
 
 Deviation from a plain SGD loop: BatchNorms whose ``momentum`` is ``None`` (the env's BN recalibration sets a
 cumulative average) get the default momentum 0.1 back, because a cumulative average over training steps would
 mix statistics of weights that no longer exist. The model keeps that momentum afterwards.
 
-The model is trained **in place** and returned in eval mode; pass a copy to keep the original. Gated (runtime-
+The model is trained **in place** (on ``device``; handed back on the device it came on) and returned in eval mode; pass a copy to keep the original. Gated (runtime-
 mode) models work unchanged: the gates are forward hooks or wrapper modules whose gate weights are plain tensors,
 so only the network's own parameters are trained. Runs are deterministic for a seed (the global torch RNG is
 forked, so the caller's random state is untouched; dropout draws from the seeded fork).
@@ -27,13 +28,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import DatasetSplits
-from .inference import bf16_supported
-from .pretrain import _augment
+from .machine import backend
+from .training import batch_indices, sgd, train_steps
 
 LABEL_SMOOTHING = 0.1
 PAD = 2
@@ -55,6 +54,7 @@ def finetune(
     weight_decay: float = 5e-4,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> nn.Module:
     """Fine-tune ``model`` in place for ``steps`` SGD steps on ``data.train``; returns it in eval mode.
 
@@ -69,42 +69,20 @@ def finetune(
            "a number >= 0")
     if steps == 0:
         return model.eval()
-    x_all, y_all = data.train.x, data.train.y
-    n = len(y_all)
+    n = len(data.train)
     _check("data.train", f"<{n} images>", n > 0, "a non-empty training split")
-    params = [p for p in model.parameters() if p.requires_grad]
-    _check("model", type(model).__name__, len(params) > 0, "a model with trainable parameters")
+    _check("model", type(model).__name__, any(p.requires_grad for p in model.parameters()),
+           "a model with trainable parameters")
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
             m.momentum = 0.1
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(lr), momentum=float(momentum), nesterov=True,
-    )
+    opt = sgd(model, lr, momentum, weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    use_bf16 = bf16_supported()
+    be = backend(device)
     gen = torch.Generator().manual_seed(int(seed))
-    perm, pos = torch.randperm(n, generator=gen), 0
-    model.to(memory_format=torch.channels_last)
-    model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        bar = tqdm(range(steps), desc="finetune", disable=not progress, unit="step", mininterval=2.0)
-        for i in bar:
-            if pos + batch_size > n:  # a new pass: fresh permutation (a partial tail batch is skipped)
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos : pos + batch_size]
-            pos += batch_size
-            x = _augment(x_all[idx], PAD, FLIP, gen).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=LABEL_SMOOTHING)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-    model.to(memory_format=torch.contiguous_format)
+        train_steps(model, data.train, steps, [opt], batch_indices(n, batch_size, gen, "epoch_drop_last"),
+                    schedulers=[sched], generator=gen, pad=PAD, flip=FLIP, label_smoothing=LABEL_SMOOTHING,
+                    bf16=True, device=be, progress=progress, desc="finetune")
     return model.eval()

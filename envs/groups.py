@@ -4,9 +4,20 @@ A *group* is a set of channels that must be removed together: the output channel
 the BatchNorms after them, and the input channels of every layer that reads them. ResNet-18 (CIFAR stem, the
 classifier ignored as a root) has 12 groups: 8 block-internal convs and 4 residual streams.
 
-The dependency graph is built once on the base model. Pruning a copy asks the base graph for the group's
-dependencies (with Torch-Pruning's index mapping) and applies each dependency's Torch-Pruning handler to the
-same-named module of the copy, so the base model is never mutated and the graph is never rebuilt.
+The dependency graph is built once on the base model. For every group it records, with Torch-Pruning's index
+mapping, which channel indices of every coupled layer carry each of the group's channels: the identity for a
+plain conv -> BN -> conv chain, an offset for a layer reading a ``torch.cat`` of several groups (DenseNet,
+Inception), ``s`` consecutive inputs of a linear layer reading a flattened ``s``-pixel map. Pruning a copy maps
+each group's dropped channels through that table and applies Torch-Pruning's handler once per layer with the
+union of all groups' indices (all in the base model's coordinates), so the base model is never mutated and the
+graph is never rebuilt. The same table gives every layer's width as an affine function of the groups' kept
+counts, hence exact closed-form MACs and parameters.
+
+Refused at construction, with an ``UnsupportedModelError`` naming the layer: grouped (non-depthwise)
+convolutions, recurrent and attention layers, multiply-accumulates outside ``nn.Conv2d`` / ``nn.Linear`` layers
+(functional matmuls), channel shuffles (a reshape that regroups channels), splits or slices that send part of a
+group's channels to a layer (its width would depend on *which* channels are kept), and layers that run only in
+training mode (auxiliary heads: the env recalibrates BN statistics in training mode).
 """
 
 from __future__ import annotations
@@ -14,18 +25,23 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from .cost import count_macs_per_module
 
-_OUT = {tp.prune_conv_out_channels, tp.prune_batchnorm_out_channels, tp.prune_linear_out_channels,
-        tp.prune_depthwise_conv_out_channels}
-_IN = {tp.prune_conv_in_channels, tp.prune_linear_in_channels, tp.prune_depthwise_conv_in_channels}
+_MAC_LAYERS = (nn.Conv2d, nn.Linear)  # the layers whose multiply-accumulates the cost model expresses
+_BN = nn.modules.batchnorm._BatchNorm
+_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten}
+_ALLOWED = ("allowed: plain and depthwise Conv2d, Linear, normalization and element-wise layers, additions, "
+            "multiplications (squeeze-excitation), concatenation along the channel dimension, flatten and "
+            "pooling")
 
 
 class UnsupportedModelError(ValueError):
@@ -40,14 +56,84 @@ class ChannelGroup:
     name: str  # the root convolution's module name
     kind: str  # "internal" (one producer conv) or "residual" (several producers joined by additions)
     num_channels: int
-    producers: list[str]  # convs / linears whose output channels are this group
-    consumers: list[str]  # convs / linears whose input channels are this group
-    bns: list[str]  # BatchNorms of this group's channels
+    producers: list[str]  # convs / linears whose output channels are exactly this group
+    consumers: list[str]  # convs / linears reading this group's channels (alone, or within a concatenation)
+    bns: list[str]  # BatchNorms whose channels are exactly this group's
     depthwise: list[str] = field(default_factory=list)  # depthwise convs carried by this group
+    shared: list[str] = field(default_factory=list)  # BatchNorms over a concatenation including this group
+
+
+@dataclass(frozen=True)
+class _Dep:
+    """One layer (or unwrapped parameter) a group prunes, with Torch-Pruning's index mapping resolved."""
+
+    target: str  # module name, or parameter name for an unwrapped nn.Parameter (ConvNeXt's layer scale)
+    is_param: bool
+    handler: Callable  # Torch-Pruning's pruning function for this target and axis
+    pruning_dim: int | None  # Torch-Pruning's pruning dimension of the target node (used by parameters)
+    axis: str  # "out" (output channels / features) or "in" (input channels / features)
+    positions: np.ndarray  # (num_channels, m): the target's indices along ``axis`` carrying group channel c
 
 
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _channel_dim(m: nn.Module) -> int:
+    """Channel dimension of a layer's output: last for linear layers and LayerNorm (channels-last), else 1."""
+    return -1 if isinstance(m, (nn.Linear, nn.LayerNorm)) else 1
+
+
+def _meta_clone(m: nn.Module) -> nn.Module:
+    """A shallow copy of a leaf module with its parameters and buffers on the meta device (no memory), so that
+    a Torch-Pruning handler can be applied to it to see which tensor dimensions it prunes."""
+    c = copy.copy(m)
+    c.__dict__["_parameters"] = {k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype,
+                                                                                    device="meta"), p.requires_grad)
+                                 for k, p in m._parameters.items()}
+    c.__dict__["_buffers"] = {k: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
+                              for k, b in m._buffers.items()}
+    return c
+
+
+class _ModuleTracker:
+    """Forward hooks keeping the stack of running modules and the order in which parameterized ones ran."""
+
+    def __init__(self, model: nn.Module):
+        self.stack: list[str] = []
+        self.ran: list[str] = []
+        self.handles = []
+        for name, m in model.named_modules():
+            self.handles.append(m.register_forward_pre_hook(lambda _m, _i, n=name: self._enter(n, _m)))
+            self.handles.append(m.register_forward_hook(lambda _m, _i, _o: self.stack.pop()))
+
+    def _enter(self, name: str, m: nn.Module) -> None:
+        self.stack.append(name)
+        if next(m.parameters(recurse=False), None) is not None and name not in self.ran:
+            self.ran.append(name)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _ChannelRegroupWatch(TorchFunctionMode):
+    """Records reshapes that split the channel dimension of an (N, C, H, W) map into several dimensions (a
+    channel shuffle: (N, g, C/g, H, W)), with the module running them."""
+
+    def __init__(self, tracker: _ModuleTracker):
+        super().__init__()
+        self.tracker, self.found = tracker, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _RESHAPES and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            x = args[0]
+            if (x.ndim == 4 and out.ndim == 5 and out.shape[3:] == x.shape[2:]
+                    and out.shape[1] * out.shape[2] == x.shape[1]):
+                self.found.append((self.tracker.stack[-1] if self.tracker.stack else "", tuple(x.shape),
+                                   tuple(out.shape)))
+        return out
 
 
 class GroupGraph:
@@ -56,8 +142,12 @@ class GroupGraph:
     Args:
         model: the base network (never modified).
         example_input: a batch-1 input tensor for tracing.
-        ignored_layers: modules that are never roots of a group (default: the final classifier).
+        ignored_layers: modules that are never roots of a group (default: the final classifier, the last
+            Conv2d / Linear the forward pass runs).
         internal_only: keep only groups with a single producer (AMC's choice: block-internal convs).
+
+    Raises:
+        UnsupportedModelError: a layer the group machinery cannot handle; the message names it and says why.
     """
 
     def __init__(
@@ -70,58 +160,76 @@ class GroupGraph:
         self.model = model
         self.example_input = example_input
         self.names = {m: n for n, m in model.named_modules()}
-        if ignored_layers is None:
-            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-            ignored_layers = linears[-1:]
         self._check_supported(model)
         model.eval()
+        ran = self._check_forward(model, example_input)
+        if ignored_layers is None:
+            mods = dict(model.named_modules())
+            classifier = [n for n in ran if isinstance(mods[n], _MAC_LAYERS)][-1:]
+            ignored_layers = [mods[n] for n in classifier]
         try:
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            raw = list(self.dg.get_all_groups(ignored_layers=list(ignored_layers),
+                                              root_module_types=[nn.Conv2d, nn.Linear]))
         except Exception as exc:  # noqa: BLE001 - surface which layer failed
             raise UnsupportedModelError(f"Torch-Pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
-        raw = list(self.dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=[nn.Conv2d, nn.Linear]))
+        param_names = {p: n for n, p in model.named_parameters()}
         order = {n: i for i, n in enumerate(self.names.values())}
         groups: list[ChannelGroup] = []
-        self._roots: list[tuple[nn.Module, object]] = []
+        deps: list[list[_Dep]] = []
         for g in raw:
-            producers, consumers, bns, dw = [], [], [], []
-            root_dep = g[0].dep
-            for dep, _ in g:
-                mod = dep.target.module
-                if not isinstance(mod, nn.Module) or mod not in self.names:
+            root_mod = g[0].dep.target.module
+            root = self.names[root_mod]
+            n_ch = int(root_mod.out_channels if isinstance(root_mod, nn.Conv2d) else root_mod.out_features)
+            producers, consumers, bns, dw, shared = [], [], [], [], []
+            group_deps: list[_Dep] = []
+            for item in g:
+                dep, idxs = item
+                target = dep.target.module
+                if isinstance(target, nn.Parameter) and target in param_names:
+                    name, is_param = param_names[target], True
+                elif isinstance(target, nn.Module) and target in self.names:
+                    name, is_param = self.names[target], False
+                else:
+                    continue  # functional nodes (adds, concatenations, reshapes) carry no weights
+                axis = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
+                pos = _positions(root, name, axis, idxs, item.root_idxs, n_ch)
+                group_deps.append(_Dep(name, is_param, dep.handler, dep.target.pruning_dim, axis, pos))
+                if is_param:
                     continue
-                name = self.names[mod]
-                if _is_depthwise(mod):
-                    if name not in dw:
-                        dw.append(name)
-                elif dep.handler in _OUT and isinstance(mod, (nn.Conv2d, nn.Linear)):
-                    producers.append(name)
-                elif dep.handler in _OUT and isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                    bns.append(name)
-                elif dep.handler in _IN:
+                identity = pos.shape[1] == 1 and np.array_equal(pos[:, 0], np.arange(n_ch))
+                width = _width(target, axis)
+                exact = identity and width == n_ch
+                if _is_depthwise(target) or (axis == "out" and isinstance(target, _MAC_LAYERS)):
+                    if not exact:
+                        raise UnsupportedModelError(
+                            f"layer {name!r} ({type(target).__name__}) produces the channels of the group rooted "
+                            f"at {root!r} only in part or permuted ({width} channels, group of {n_ch}); a layer's "
+                            f"output must be exactly one group; {_ALLOWED}")
+                    (dw if _is_depthwise(target) else producers).append(name)
+                elif axis == "out" and isinstance(target, _BN):
+                    (bns if exact else shared).append(name)
+                elif axis == "in" and isinstance(target, _MAC_LAYERS):
                     consumers.append(name)
             if not producers:
                 continue
             producers.sort(key=order.get)
             kind = "internal" if len(producers) == 1 else "residual"
-            root_mod = root_dep.target.module
-            n_ch = root_mod.out_channels if isinstance(root_mod, nn.Conv2d) else root_mod.out_features
-            groups.append(ChannelGroup(-1, self.names[root_mod], kind, int(n_ch), producers, sorted(set(consumers),
-                                       key=order.get), sorted(set(bns), key=order.get), dw))
-            self._roots.append((root_mod, root_dep.handler))
+            groups.append(ChannelGroup(-1, root, kind, n_ch, producers, sorted(set(consumers), key=order.get),
+                                       sorted(set(bns), key=order.get), sorted(set(dw), key=order.get),
+                                       sorted(set(shared), key=order.get)))
+            deps.append(group_deps)
         # forward order: by the first producer's position in the module tree
         idx = sorted(range(len(groups)), key=lambda i: order[groups[i].producers[0]])
-        groups = [groups[i] for i in idx]
-        self._roots = [self._roots[i] for i in idx]
         if internal_only:
-            keep = [i for i, g in enumerate(groups) if g.kind == "internal"]
-            groups = [groups[i] for i in keep]
-            self._roots = [self._roots[i] for i in keep]
+            idx = [i for i in idx if groups[i].kind == "internal"]
+        groups, deps = [groups[i] for i in idx], [deps[i] for i in idx]
         for i, g in enumerate(groups):
             g.index = i
         if not groups:
             raise UnsupportedModelError("the model has no prunable channel group (no Conv2d/Linear roots found)")
         self.groups = groups
+        self._deps = deps
         self._build_cost_tables()
 
     # ---------------------------------------------------------------- model checks
@@ -134,57 +242,193 @@ class GroupGraph:
                     "grouped convolutions are not supported (depthwise ones are)"
                 )
             if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)):
-                raise UnsupportedModelError(f"layer {name!r} ({type(m).__name__}) is not supported by channel pruning")
+                raise UnsupportedModelError(f"layer {name!r} ({type(m).__name__}) is not supported by channel "
+                                            f"pruning; {_ALLOWED}")
+
+    @torch.no_grad()
+    def _check_forward(self, model: nn.Module, x: torch.Tensor) -> list[str]:
+        """Checks that need a forward pass; returns the parameterized modules in the order the eval pass ran them.
+
+        * every multiply-accumulate is in a Conv2d / Linear layer (the closed-form cost model counts only those);
+        * no reshape regroups channels (a channel shuffle): coupled groups cannot follow channels through it;
+        * no layer runs only in training mode: the env recalibrates BN statistics with a training-mode forward,
+          and a layer the (eval-mode) trace never saw would keep its unpruned input width.
+        """
+        tracker = _ModuleTracker(model)
+        watch = _ChannelRegroupWatch(tracker)
+        try:
+            with watch:
+                model(x)
+        finally:
+            tracker.close()
+        if watch.found:
+            layer, before, after = watch.found[0]
+            raise UnsupportedModelError(
+                f"layer {layer!r} ({type(model.get_submodule(layer)).__name__}) reshapes its channels {before} -> "
+                f"{after} (a channel shuffle); coupled channel groups cannot follow channels through a regrouping, "
+                f"so it is not supported; {_ALLOWED}")
+        for name, macs in _own_macs(model, x).items():
+            m = model.get_submodule(name)
+            if macs and not isinstance(m, _MAC_LAYERS):
+                raise UnsupportedModelError(
+                    f"layer {name or '<model>'!r} ({type(m).__name__}) computes {macs} multiply-accumulates outside "
+                    f"Conv2d/Linear layers (a functional matmul, linear or convolution, e.g. attention); the "
+                    f"closed-form cost model covers nn.Conv2d and nn.Linear layers only")
+        eval_ran = list(tracker.ran)
+        train = _ModuleTracker(model)
+        buffers = [b.clone() for b in model.buffers()]
+        try:
+            with torch.random.fork_rng(devices=[]):  # dropout draws must not move the caller's random stream
+                model.train()
+                model(torch.cat([x, x]))
+        except Exception as exc:  # noqa: BLE001 - the env's BN recalibration would fail the same way
+            raise UnsupportedModelError(f"the model's training-mode forward (used to recalibrate BatchNorm "
+                                        f"statistics) fails: {type(exc).__name__}: {exc}") from exc
+        finally:
+            train.close()
+            model.eval()
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        only_train = [n for n in train.ran if n not in set(eval_ran)]
+        if only_train:
+            raise UnsupportedModelError(
+                f"layer {only_train[0]!r} ({type(model.get_submodule(only_train[0])).__name__}) runs only in "
+                f"training mode (an auxiliary head?); the eval-mode trace never sees its inputs, so their channels "
+                f"cannot be pruned with the rest; build the model without it (torchvision: aux_logits=False)")
+        return eval_ran
 
     # ---------------------------------------------------------------- cost tables
     def _build_cost_tables(self) -> None:
-        """Exact per-module MAC and parameter formulas as functions of the kept channel counts."""
+        """Exact per-module MAC and parameter formulas as functions of the kept channel counts.
+
+        Every pruned tensor dimension is an *axis* whose size is affine in the kept counts: fixed channels (the
+        image's, or channels in no group) plus ``m`` per kept channel of each group it carries (m = 1 for a plain
+        or concatenated read, s for a linear layer reading an s-pixel flattened map). A parameter's size is a
+        constant times its pruned axes; a Conv2d / Linear layer's MACs are its weight's size times the positions
+        it is applied at.
+        """
         self.base_macs_per_module = count_macs_per_module(self.model, self.example_input)
-        out_group: dict[str, int] = {}
-        in_group: dict[str, int] = {}
-        for g in self.groups:
-            for n in g.producers + g.bns + g.depthwise:
-                out_group[n] = g.index
-            for n in g.consumers:
-                in_group[n] = g.index
-        self._out_group, self._in_group = out_group, in_group
         mods = dict(self.model.named_modules())
-        self._mac_terms = []  # (spatial, out_group|None, c_out, in_group|None, c_in_per_group, depthwise)
-        self._const_macs = 0
-        for name, macs in self.base_macs_per_module.items():
-            m = mods.get(name)
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                c_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-                c_in = (m.in_channels // m.groups) if isinstance(m, nn.Conv2d) else m.in_features
-                spatial = macs // (c_out * c_in) if c_out * c_in else 0
-                dw = _is_depthwise(m)
-                self._mac_terms.append((spatial, out_group.get(name), c_out, None if dw else in_group.get(name), c_in, dw))
-            else:
-                self._const_macs += macs
-        self._param_terms = []  # (numel_per_out_in, out_group, c_out, in_group, c_in)
-        self._const_params = 0
-        for name, m in self.model.named_modules():
+        params = dict(self.model.named_parameters())
+        # handlers per target and axis, and which groups each axis carries
+        handlers: dict[str, dict[str, _Dep]] = {}
+        carried: dict[tuple[str, str], dict[int, int]] = {}
+        for gi, group_deps in enumerate(self._deps):
+            for d in group_deps:
+                handlers.setdefault(d.target, {}).setdefault(d.axis, d)
+                carried.setdefault((d.target, d.axis), {})[gi] = d.positions.shape[1]
+        # which tensor dimensions each handler prunes: apply it to a meta-device clone and compare shapes
+        dims: dict[str, list[tuple[str, int, int]]] = {}  # tensor name -> [(axis, dim, full size)]
+        for target, by_axis in handlers.items():
+            for axis, d in by_axis.items():
+                for tname, before, after in _probe(d, mods, params):
+                    for k, (b, a) in enumerate(zip(before, after)):
+                        if a != b:
+                            dims.setdefault(tname, []).append((axis, k, b))
+        self._axis_rows: dict[tuple[str, str], int] = {}
+        const, coef = [1], [np.zeros(len(self.groups), dtype=np.int64)]  # row 0: the constant 1
+
+        def row(target: str, axis: str, full: int) -> int:
+            key = (target, axis)
+            if key not in self._axis_rows:
+                per = np.zeros(len(self.groups), dtype=np.int64)
+                for gi, m in carried.get(key, {}).items():
+                    per[gi] = m
+                fixed = full - int(sum(per[gi] * self.groups[gi].num_channels for gi in range(len(self.groups))))
+                if fixed < 0:
+                    raise UnsupportedModelError(f"layer {target!r}: the groups carried by its {axis} axis overlap "
+                                                f"({full} channels); {_ALLOWED}")
+                self._axis_rows[key] = len(const)
+                const.append(fixed)
+                coef.append(per)
+            return self._axis_rows[key]
+
+        def term(tname: str, owner: str, numel: int) -> tuple[int, int, int]:
+            axes = dims.get(tname, [])
+            if len(axes) > 2:
+                raise UnsupportedModelError(f"parameter {tname!r} is pruned along {len(axes)} dimensions; at most "
+                                            "two (output and input channels) are supported")
+            rows = [row(owner, axis, full) for axis, _, full in axes]
+            denom = math.prod(full for _, _, full in axes)
+            return numel // denom, *(rows + [0, 0])[:2]
+
+        param_terms = []
+        for mname, m in self.model.named_modules():
             for pname, p in m.named_parameters(recurse=False):
-                og, ig = out_group.get(name), in_group.get(name)
-                if isinstance(m, (nn.Conv2d, nn.Linear)) and pname == "weight" and p.ndim >= 2:
-                    if _is_depthwise(m):
-                        self._param_terms.append((p[0].numel(), og, p.shape[0], None, 1))
-                    else:
-                        self._param_terms.append((p[0, 0].numel(), og, p.shape[0], ig, p.shape[1]))
-                elif p.ndim >= 1 and og is not None and p.shape[0] == self.groups[og].num_channels:
-                    self._param_terms.append((p[0].numel() if p.ndim > 1 else 1, og, p.shape[0], None, 1))
-                else:
-                    self._const_params += p.numel()
-        self.base_macs = self.macs([g.num_channels for g in self.groups])
-        self.base_params = self.params([g.num_channels for g in self.groups])
+                tname = f"{mname}.{pname}" if mname else pname
+                owner = tname if tname in handlers else mname
+                param_terms.append(term(tname, owner, p.numel()))
+        mac_terms = []
+        for name, macs in self.base_macs_per_module.items():
+            w = mods[name].weight
+            unit, r0, r1 = term(f"{name}.weight", name, w.numel())
+            mac_terms.append((unit * (macs // w.numel()), r0, r1))
+        self._axis_const = np.asarray(const, dtype=np.int64)
+        self._axis_coef = np.stack(coef)  # (axes, groups)
+        self._mac_terms = np.asarray(mac_terms, dtype=np.int64).reshape(-1, 3)
+        self._param_terms = np.asarray(param_terms, dtype=np.int64).reshape(-1, 3)
+        self._out_group = {t: self._sole_group(t, "out") for t, _ in self._axis_rows}
+        self._in_group = {t: self._sole_group(t, "in") for t, _ in self._axis_rows}
+        full = [g.num_channels for g in self.groups]
+        self.base_macs = self.macs(full)
+        self.base_params = self.params(full)
+        if self.base_macs != sum(self.base_macs_per_module.values()) or self.base_params != sum(params[n].numel()
+                                                                                                 for n in params):
+            raise UnsupportedModelError(
+                f"the closed-form cost model does not reproduce the model's MACs / parameters ({self.base_macs} vs "
+                f"{sum(self.base_macs_per_module.values())}, {self.base_params} vs "
+                f"{sum(p.numel() for p in params.values())}); {_ALLOWED}")
+
+    def _sole_group(self, target: str, axis: str) -> int | None:
+        r = self._axis_rows.get((target, axis))
+        if r is None or self._axis_const[r] != 0:
+            return None
+        nz = np.flatnonzero(self._axis_coef[r])
+        return int(nz[0]) if len(nz) == 1 else None
 
     def output_group(self, module_name: str) -> int | None:
-        """Index of the group whose channels ``module_name`` produces (conv / linear / BN / depthwise), or None."""
+        """Index of the group that makes up all of ``module_name``'s output channels (conv / linear / BN /
+        depthwise), or None (no group, or a concatenation of several)."""
         return self._out_group.get(module_name)
 
     def input_group(self, module_name: str) -> int | None:
-        """Index of the group whose channels ``module_name`` consumes as input channels, or None."""
+        """Index of the group that makes up all of ``module_name``'s input channels, or None (the image, or a
+        concatenation of several groups). A linear layer after a flatten reads each channel several times."""
         return self._in_group.get(module_name)
+
+    def is_exact_reader(self, module_name: str, group: int) -> bool:
+        """True if ``module_name``'s input channels are exactly group ``group``'s channels, in order."""
+        r = self._axis_rows.get((module_name, "in"))
+        return (r is not None and self._axis_const[r] == 0 and int(self._axis_coef[r].sum()) == 1
+                and self._axis_coef[r][group] == 1)
+
+    def width(self, module_name: str, kept: Sequence[float], axis: str = "in") -> float:
+        """Channels of ``module_name`` along ``axis`` ("in" or "out") when group i keeps ``kept[i]`` channels."""
+        r = self._axis_rows.get((module_name, axis))
+        if r is None:
+            m = self.model.get_submodule(module_name)
+            return float(_width(m, axis))
+        return float(self._axis_const[r] + self._axis_coef[r] @ np.asarray(kept, dtype=np.float64))
+
+    def kept_positions(self, module_name: str, keep: Sequence[np.ndarray | Sequence[int]], axis: str = "in") -> np.ndarray:
+        """Sorted indices, in the base model's coordinates, of ``module_name``'s channels along ``axis`` that survive
+        pruning with keep sets ``keep`` (e.g. the columns of a base weight matrix that the pruned layer keeps)."""
+        full = _width(self.model.get_submodule(module_name), axis)
+        alive = np.ones(full, dtype=bool)
+        for gi, group_deps in enumerate(self._deps):
+            for d in group_deps:
+                if d.target == module_name and d.axis == axis:
+                    drop = np.ones(self.groups[gi].num_channels, dtype=bool)
+                    drop[np.asarray(keep[gi], dtype=np.int64)] = False
+                    alive[d.positions[drop].ravel()] = False
+        return np.flatnonzero(alive)
+
+    def _evaluate(self, terms: np.ndarray, counts: Sequence[float]) -> float:
+        k = np.asarray(counts, dtype=np.float64)
+        if k.shape != (len(self.groups),):
+            raise ValueError(f"expected one count per group ({len(self.groups)}), got shape {k.shape}")
+        axes = self._axis_const + self._axis_coef @ k
+        return float(np.sum(terms[:, 0] * axes[terms[:, 1]] * axes[terms[:, 2]]))
 
     def macs(self, kept: Sequence[int], runtime_kept: Sequence[float] | None = None) -> int:
         """Exact MACs per example when group ``i`` keeps ``kept[i]`` channels.
@@ -192,43 +436,46 @@ class GroupGraph:
         ``runtime_kept`` (optional) gives the channels each input actually computes (<= kept); used for runtime
         mode's effective MACs (producers compute only those outputs, consumers read only those inputs).
         """
-        counts = list(runtime_kept) if runtime_kept is not None else list(kept)
-        total = self._const_macs
-        for spatial, og, c_out, ig, c_in, dw in self._mac_terms:
-            o = counts[og] if og is not None else c_out
-            i = counts[ig] if ig is not None else c_in
-            total += spatial * o * (1 if dw else i)
-        return int(round(total))
+        return int(round(self._evaluate(self._mac_terms, runtime_kept if runtime_kept is not None else kept)))
 
     def params(self, kept: Sequence[int]) -> int:
         """Exact parameter count when group ``i`` keeps ``kept[i]`` channels."""
-        total = self._const_params
-        for unit, og, c_out, ig, c_in in self._param_terms:
-            o = kept[og] if og is not None else c_out
-            i = kept[ig] if ig is not None else c_in
-            total += unit * o * i
-        return int(total)
+        return int(round(self._evaluate(self._param_terms, kept)))
 
     # ---------------------------------------------------------------- pruning
+    def _drop_ops(self, keep: Sequence[np.ndarray | Sequence[int]]) -> dict[tuple, np.ndarray]:
+        """Per (target, handler): the union over groups of the indices to remove, in base coordinates."""
+        if len(keep) != len(self.groups):
+            raise ValueError(f"keep has {len(keep)} entries; expected one per group ({len(self.groups)})")
+        ops: dict[tuple, list[np.ndarray]] = {}
+        for g, group_deps, kept in zip(self.groups, self._deps, keep):
+            kept = np.unique(np.asarray(kept, dtype=np.int64))
+            if len(kept) == 0:
+                raise ValueError(f"group {g.index} ({g.name}) must keep at least one channel")
+            if kept[0] < 0 or kept[-1] >= g.num_channels:
+                raise ValueError(f"group {g.index} ({g.name}) keeps channel indices {kept.tolist()}; allowed: "
+                                 f"0..{g.num_channels - 1}")
+            drop = np.ones(g.num_channels, dtype=bool)
+            drop[kept] = False
+            if not drop.any():
+                continue
+            for d in group_deps:
+                ops.setdefault((d.target, d.is_param, d.handler, d.pruning_dim), []).append(d.positions[drop].ravel())
+        return {key: np.unique(np.concatenate(parts)) for key, parts in ops.items()}
+
     def prune_copy(self, keep: Sequence[np.ndarray | Sequence[int]], model: nn.Module | None = None) -> nn.Module:
         """A physically pruned deep copy of ``model`` (default: the base model) keeping ``keep[i]`` in group i."""
         src = self.model if model is None else model
         pruned = copy.deepcopy(src)
-        mods = dict(pruned.named_modules())
-        for g, (root, handler), kept in zip(self.groups, self._roots, keep):
-            kept_set = set(int(k) for k in kept)
-            if len(kept_set) == 0:
-                raise ValueError(f"group {g.index} ({g.name}) must keep at least one channel")
-            drop = [i for i in range(g.num_channels) if i not in kept_set]
-            if not drop:
-                continue
-            group = self.dg.get_pruning_group(root, handler, idxs=drop)
-            for dep, idxs in group:
-                mod = dep.target.module
-                if not isinstance(mod, nn.Module) or mod not in self.names:
-                    continue  # functional nodes (adds, reshapes) carry no weights
-                target = mods[self.names[mod]]
-                dep.handler(target, idxs)  # Torch-Pruning's handler, applied to the copy's module
+        for (target, is_param, handler, pruning_dim), idxs in self._drop_ops(keep).items():
+            # what Torch-Pruning's Dependency.__call__ does, on the copy's module / parameter
+            handler.__self__.pruning_dim = pruning_dim
+            if is_param:
+                parent, _, attr = target.rpartition(".")
+                owner = pruned.get_submodule(parent) if parent else pruned
+                setattr(owner, attr, handler(getattr(owner, attr), idxs.tolist()))
+            else:
+                handler(pruned.get_submodule(target), idxs.tolist())
         return pruned
 
     def masks(self, keep: Sequence[np.ndarray | Sequence[int]]) -> list[torch.Tensor]:
@@ -241,7 +488,8 @@ class GroupGraph:
         return out
 
     def mask_hooks(self, model: nn.Module, masks: Sequence[torch.Tensor] | dict[int, torch.Tensor]) -> list:
-        """Register hooks zeroing masked channels on every BN (or producer, if no BN) output of each group.
+        """Register hooks zeroing masked channels on every BN output carrying each group's channels (its own BNs
+        and those over concatenations including it), or on its producers' outputs if it has no BN.
 
         ``masks``: one 0/1 tensor per group, or ``{group index: mask}`` for some groups. Returns the handles.
         """
@@ -250,12 +498,89 @@ class GroupGraph:
         items = masks.items() if isinstance(masks, dict) else enumerate(masks)
         for gi, m in items:
             g = self.groups[gi]
-            targets = g.bns if g.bns else g.producers
-            for name in targets:
-                def hook(_mod, _inp, out, m=m):
-                    return out * m.view(1, -1, *([1] * (out.ndim - 2)))
-                hooks.append(mods[name].register_forward_hook(hook))
+            targets = set(g.bns + g.shared) or set(g.producers)
+            for d in self._deps[gi]:
+                if d.target not in targets or d.axis != "out":
+                    continue
+                mod = mods[d.target]
+                # the multiplier over all of the layer's channels: the group's positions get its mask
+                full = torch.ones(_width(mod, "out"), device=m.device, dtype=m.dtype)
+                pos = torch.as_tensor(d.positions, device=m.device)
+                full[pos.flatten()] = m.repeat_interleave(d.positions.shape[1])
+                dim = _channel_dim(mod)
+
+                def hook(_mod, _inp, out, full=full, dim=dim):
+                    shape = [1] * out.ndim
+                    shape[dim] = -1
+                    return out * full.to(out.device, out.dtype).view(shape)
+                hooks.append(mod.register_forward_hook(hook))
         return hooks
+
+
+def _positions(root: str, target: str, axis: str, idxs, root_idxs, n_ch: int) -> np.ndarray:
+    """(n_ch, m) array of the target's indices carrying each group channel, from Torch-Pruning's index mapping.
+
+    Every channel must reach the target the same number of times: otherwise the target's width would depend on
+    *which* channels are kept, not on how many (a split / slice on the channel dimension)."""
+    if any(r is None for r in root_idxs):
+        raise UnsupportedModelError(f"layer {target!r}: Torch-Pruning's index mapping from the group rooted at "
+                                    f"{root!r} loses track of channels; {_ALLOWED}")
+    pos, roots = np.asarray(idxs, dtype=np.int64), np.asarray(root_idxs, dtype=np.int64)
+    counts = np.bincount(roots, minlength=n_ch)
+    if len(counts) != n_ch or counts.min() != counts.max() or counts.min() == 0:
+        raise UnsupportedModelError(
+            f"layer {target!r} reads the channels of the group rooted at {root!r} only in part ({counts.min()} to "
+            f"{counts.max()} of its {axis} channels per group channel): a split or slice on the channel dimension "
+            f"(torch.split / chunk / narrow / indexing) makes its width depend on which channels are kept, not how "
+            f"many; not supported; {_ALLOWED}")
+    return pos[np.lexsort((pos, roots))].reshape(n_ch, int(counts[0]))
+
+
+def _width(m: nn.Module, axis: str) -> int:
+    """A layer's channels along ``axis`` ("out" / "in"), read from the layer's own attributes."""
+    if isinstance(m, nn.Conv2d):
+        return int(m.out_channels if axis == "out" else m.in_channels)
+    if isinstance(m, nn.Linear):
+        return int(m.out_features if axis == "out" else m.in_features)
+    if isinstance(m, _BN):
+        return int(m.num_features)
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[-1])
+    if isinstance(m, nn.GroupNorm):
+        return int(m.num_channels)
+    raise UnsupportedModelError(f"cannot read the {axis} channels of a {type(m).__name__} layer; {_ALLOWED}")
+
+
+def _probe(d: _Dep, mods: dict[str, nn.Module], params: dict[str, nn.Parameter]):
+    """Apply ``d``'s handler to a meta clone, removing one channel; yield (tensor name, shape before, after)."""
+    d.handler.__self__.pruning_dim = d.pruning_dim
+    if d.is_param:
+        p = params[d.target]
+        after = d.handler(nn.Parameter(torch.empty(p.shape, device="meta")), [0])
+        yield d.target, tuple(p.shape), tuple(after.shape)
+        return
+    m = mods[d.target]
+    clone = _meta_clone(m)
+    d.handler(clone, [0])
+    for pname, p in m.named_parameters(recurse=False):
+        yield f"{d.target}.{pname}", tuple(p.shape), tuple(getattr(clone, pname).shape)
+
+
+@torch.no_grad()
+def _own_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """MACs per module name computed by the module itself, not by its children (FlopCounterMode's hierarchy)."""
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    counts = {k: int(sum(v.values())) // 2 for k, v in fc.get_flop_counts().items() if k != "Global"}
+    root = type(model).__name__
+    own = {}
+    for key, total in counts.items():
+        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
+        if name is None:
+            continue
+        children = sum(v for k, v in counts.items() if k.startswith(key + ".") and "." not in k[len(key) + 1:])
+        own[name] = total - children
+    return own
 
 
 def keep_count(ratio: float, channels: int, round_to: int = 1, min_channels: int = 1) -> int:

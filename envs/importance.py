@@ -23,6 +23,7 @@ group, higher = more important), so a baseline can plug its own.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .data import Split
 from .groups import GroupGraph
+from .paths import atomic_save
 
 SCORERS = ("learned", "l1", "bn", "taylor")
 FEATURES = ("l1", "l2", "bn", "taylor", "act", "gm_dist")
@@ -51,6 +53,7 @@ class ImportanceContext:
     graph: GroupGraph
     calib: Split
     train: Split | None = None
+    device: torch.device = torch.device("cpu")  # where the data-driven scorers run their forward passes
 
 
 class Scorer(Protocol):
@@ -103,7 +106,8 @@ def geometric_median_distance(ctx: ImportanceContext) -> list[np.ndarray]:
 
 def taylor_and_activation(ctx: ImportanceContext, batch_size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """First-order Taylor |sum a*dL/da| and mean |a| at each group's BN (or producer) outputs."""
-    model = ctx.model
+    dev = ctx.device
+    model = copy.deepcopy(ctx.model).to(dev)  # the base model stays where it is, untouched
     mods = dict(model.named_modules())
     acts: dict[str, torch.Tensor] = {}
     hooks = []
@@ -118,12 +122,13 @@ def taylor_and_activation(ctx: ImportanceContext, batch_size: int = 128) -> tupl
 
     for n in names:
         hooks.append(mods[n].register_forward_hook(make(n)))
-    taylor = {n: torch.zeros(mods[n].weight.shape[0] if hasattr(mods[n], "weight") else 1) for n in names}
+    taylor = {n: torch.zeros(mods[n].weight.shape[0] if hasattr(mods[n], "weight") else 1, device=dev)
+              for n in names}
     act = {n: torch.zeros_like(taylor[n]) for n in names}
-    was = model.training
     model.eval()
     try:
         for x, y in ctx.calib.batches(batch_size):
+            x, y = x.to(dev), y.to(dev)
             model.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y, reduction="sum")
             loss.backward()
@@ -134,8 +139,8 @@ def taylor_and_activation(ctx: ImportanceContext, batch_size: int = 128) -> tupl
     finally:
         for h in hooks:
             h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was)
+    taylor = {n: v.cpu() for n, v in taylor.items()}
+    act = {n: v.cpu() for n, v in act.items()}
     t_out, a_out = [], []
     for g in ctx.graph.groups:
         ns = targets[g.name]
@@ -200,15 +205,14 @@ def measure_mask_loss_increase(
     ctx: ImportanceContext, samples: Sequence[tuple[int, int]], images: int = 256, progress: bool = True
 ) -> np.ndarray:
     """Ground truth: loss increase on ``images`` calibration images when channel c of group g alone is masked."""
-    model = ctx.model
-    x, y = ctx.calib.x[:images], ctx.calib.y[:images]
-    was = model.training
-    model.eval()
+    dev = ctx.device
+    model = copy.deepcopy(ctx.model).to(dev).eval()  # masks go through hooks on this copy only
+    x, y = ctx.calib.x[:images].to(dev), ctx.calib.y[:images].to(dev)
     base = F.cross_entropy(model(x), y).item()
     out = np.zeros(len(samples))
     for i, (gi, c) in enumerate(tqdm(samples, desc="static importance ground truth", disable=not progress,
                                       mininterval=2.0)):
-        mask = torch.ones(ctx.graph.groups[gi].num_channels)
+        mask = torch.ones(ctx.graph.groups[gi].num_channels, device=dev)
         mask[c] = 0.0
         hooks = ctx.graph.mask_hooks(model, {gi: mask})
         try:
@@ -216,7 +220,6 @@ def measure_mask_loss_increase(
         finally:
             for h in hooks:
                 h.remove()
-    model.train(was)
     return out
 
 
@@ -386,10 +389,8 @@ class ImportancePredictors:
         gates, rep_r = fit_runtime_predictor(ctx, progress=progress)
         report = {**rep_s, **rep_r}
         if path is not None:
-            tmp = path.with_suffix(".tmp")
-            torch.save({"static": static, "gates": gates, "report": {k: torch.tensor(float(v)) for k, v in
-                                                                      report.items()}}, tmp)
-            tmp.replace(path)
+            atomic_save({"static": static, "gates": gates,
+                         "report": {k: torch.tensor(float(v)) for k, v in report.items()}}, path)
         return cls([s.numpy() for s in static["scores"]], gates, report)
 
 

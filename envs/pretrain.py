@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import DatasetSplits, Split, load_dataset
-from .inference import bf16_supported, inference_context, resolve_precision
+from .inference import inference_context
+from .machine import backend
 from .models import build_model
-from .paths import cache_dir
+from .paths import atomic_save, atomic_write_text, cache_dir
+from .training import batch_indices, sgd, train_steps
 
 
 class CheckpointError(RuntimeError):
@@ -86,36 +87,21 @@ def pretrain_command(model: str, dataset: str, width: float = 1.0, data_dir=None
     return cmd
 
 
-def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop (zero padding) and horizontal flip, on a batch tensor."""
-    b, _, h, w = x.shape
-    if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))  # pad with the background value
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-        rows = (oy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(b, x.shape[1], h, w)
-        cols = (ox[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(b, x.shape[1], h, w)
-        x = xp[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-    if flip:
-        mask = torch.rand(b, generator=gen) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 250, precision: str = "auto"
-             ) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, batch_size: int = 250, precision: str = "auto",
+             device: str | torch.device = "auto") -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` on ``split`` in eval mode, restoring its mode afterwards.
 
-    ``precision``: "auto", "fp32" or "bf16", as in ``envs.inference``.
+    ``precision``: "auto", "fp32" or "bf16", as in ``envs.inference``; runs on ``device`` (the model is handed
+    back where it was).
     """
-    precision = resolve_precision(precision)
     was = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
-    with inference_context(model, precision):
+    with inference_context(model, precision, device) as dev:
         for x, y in split.batches(batch_size):
-            out = model(x).float()
+            y = y.to(dev)
+            out = model(x.to(dev)).float()
             loss += F.cross_entropy(out, y, reduction="sum").item()
             correct += (out.argmax(1) == y).sum().item()
             n += len(y)
@@ -136,21 +122,19 @@ def train(
     recipe: Recipe = Recipe(),
     path: Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> tuple[nn.Module, dict]:
-    """Train ``model_name`` on ``data.train``; saves/resumes ``<path>.partial`` after every epoch."""
+    """Train ``model_name`` on ``data.train`` on ``device``; saves/resumes ``<path>.partial`` after every epoch."""
+    be = backend(device)
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    model = build_model(model_name, data.num_classes, data.in_channels, width).to(memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
-    )
-    x_all, y_all = data.train.x, data.train.y
+    model = build_model(model_name, data.num_classes, data.in_channels, width).to(be.device)
+    opt = sgd(model, recipe.lr, recipe.momentum, recipe.weight_decay, nesterov=True)
+    train_split = data.train
     if recipe.max_train is not None:
-        x_all, y_all = x_all[: recipe.max_train], y_all[: recipe.max_train]
-    steps_per_epoch = (len(y_all) + recipe.batch_size - 1) // recipe.batch_size
+        train_split = Split(data.train.x[: recipe.max_train], data.train.y[: recipe.max_train])
+    n = len(train_split.y)
+    steps_per_epoch = (n + recipe.batch_size - 1) // recipe.batch_size
     total_steps = recipe.epochs * steps_per_epoch
     # OneCycleLR divides by zero when pct_start * total_steps == 1 (4 steps at 0.25): tiny runs warm up 1.5 steps.
     pct_start = 0.25 if total_steps >= 6 else 1.5 / max(total_steps, 2)
@@ -162,43 +146,31 @@ def train(
     partial = Path(str(path) + ".partial") if path is not None else None
     if partial is not None and partial.exists():
         try:
-            state = torch.load(partial, map_location="cpu", weights_only=True)
+            state = torch.load(partial, map_location=be.device, weights_only=True)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            gen.set_state(state["generator"])
+            gen.set_state(state["generator"].cpu())
             start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
             print(f"resuming {path.name} from epoch {start_epoch}/{recipe.epochs}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - a broken partial file restarts training
             print(f"ignoring unreadable partial checkpoint {partial}: {exc}", file=sys.stderr)
-    use_bf16 = recipe.bf16 and bf16_supported()
-    model.train()
+    use_bf16 = recipe.bf16 and be.bf16
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
-        perm = torch.randperm(len(y_all), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"pretrain {model_name} epoch {epoch + 1}/{recipe.epochs}",
-                   disable=not progress, unit="batch", mininterval=2.0)
-        for i in bar:
-            idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-            x = _augment(x_all[idx], recipe.pad, recipe.flip, gen).contiguous(memory_format=torch.channels_last)
-            y = y_all[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3f}")
+        train_steps(model, train_split, steps_per_epoch, [opt], batch_indices(n, recipe.batch_size, gen, "epoch"),
+                    schedulers=[sched], generator=gen, pad=recipe.pad, flip=recipe.flip,
+                    label_smoothing=recipe.label_smoothing, bf16=use_bf16, device=be, progress=progress,
+                    desc=f"pretrain {model_name} epoch {epoch + 1}/{recipe.epochs}")
         elapsed += time.perf_counter() - t0
         if partial is not None:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "generator": gen.get_state(), "epoch": epoch + 1, "elapsed": elapsed}, partial)
-    model = model.to(memory_format=torch.contiguous_format).eval()
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch + 1,
+                         "elapsed": elapsed}, partial)
+    model = model.cpu().eval()
     t0 = time.perf_counter()
-    test_acc, test_loss = evaluate(model, data.test)
-    reward_acc, _ = evaluate(model, data.reward)
+    test_acc, test_loss = evaluate(model, data.test, device=be.device)
+    reward_acc, _ = evaluate(model, data.reward, device=be.device)
     meta = {
         "model": model_name,
         "dataset": data.name,
@@ -208,7 +180,7 @@ def train(
         "image_size": data.image_size,
         "split_seed": data.split_seed,
         "data_fingerprint": data.fingerprint,
-        "train_images": int(len(y_all)),
+        "train_images": int(n),
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "reward_accuracy": reward_acc,
@@ -216,6 +188,8 @@ def train(
         "eval_seconds": round(time.perf_counter() - t0, 1),
         "bf16": use_bf16,
         "threads": torch.get_num_threads(),
+        "machine": be.machine,
+        "train_memory_format": "channels_last" if be.train_channels_last else "contiguous",
         "recipe": dataclasses.asdict(recipe),
         "versions": _versions(),
     }
@@ -223,14 +197,66 @@ def train(
 
 
 def save_checkpoint(model: nn.Module, meta: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    atomic_save(model.state_dict(), path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
     partial = Path(str(path) + ".partial")
     if partial.exists():
         partial.unlink()
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def install_shipped(path: Path) -> bool:
+    """Install the checkpoint shipped in ``envs/checkpoints/`` for this cache ``path``, if there is one.
+
+    The shipped file is half precision (to stay small in the repository); its sha256 is checked against the
+    sidecar, it is loaded with ``weights_only=True`` and written to the cache in float32 with the sidecar.
+    """
+    shipped = SHIPPED_DIR / path.name
+    sidecar = shipped.with_suffix(".json")
+    if not (shipped.exists() and sidecar.exists()):
+        return False
+    meta = json.loads(sidecar.read_text())
+    digest = sha256_of(shipped)
+    if digest != meta.get("sha256"):
+        raise CheckpointError(f"shipped checkpoint {str(shipped)!r} has sha256 {digest}, but its sidecar says "
+                              f"{meta.get('sha256')}; the file is damaged (reinstall the package, or train it "
+                              f"with `python -m envs.pretrain`)")
+    state = torch.load(shipped, map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    atomic_save(state, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps({**meta, "source": f"shipped: {shipped.name}"},
+                                                            indent=2))
+    print(f"installed the shipped checkpoint {shipped.name} into {path.parent}", file=sys.stderr)
+    return True
+
+
+def ship_checkpoint(path: Path, data: DatasetSplits, device: str | torch.device = "auto") -> Path:
+    """Write the half-precision copy of cached checkpoint ``path`` into ``envs/checkpoints/`` with a sidecar
+    holding its sha256 and its accuracies *as shipped* (re-measured after the float16 rounding)."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    out = SHIPPED_DIR / path.name
+    atomic_save(half, out)
+    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["width"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
+    model.eval()
+    meta["trained_accuracy"] = {"test": meta["test_accuracy"], "reward": meta["reward_accuracy"]}
+    meta["test_accuracy"], meta["test_loss"] = evaluate(model, data.test, precision="fp32", device=device)
+    meta["reward_accuracy"], _ = evaluate(model, data.reward, precision="fp32", device=device)
+    meta["sha256"] = sha256_of(out)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2))
+    return out
 
 
 def load_checkpoint(
@@ -280,8 +306,10 @@ def get_pretrained(
     train_if_missing: bool = True,
     data: DatasetSplits | None = None,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> tuple[nn.Module, dict]:
-    """Return a pretrained model and its metadata, training and caching it first if needed.
+    """Return a pretrained model and its metadata: the cache, else the checkpoint shipped with the package (the
+    default ResNet-18 on Fashion-MNIST, checked against its sha256), else trained on ``device`` and cached.
 
     ``checkpoint`` loads a given file instead of the cache. With ``train_if_missing=False`` a missing checkpoint
     raises ``CheckpointError`` with the exact command that creates it.
@@ -291,6 +319,8 @@ def get_pretrained(
     if checkpoint is not None:
         return load_checkpoint(checkpoint, model_name, data.num_classes, data.in_channels, width)
     path = checkpoint_path(model_name, dataset, width, split_seed, recipe)
+    if not path.exists():
+        install_shipped(path)
     if path.exists():
         model, meta = load_checkpoint(path, model_name, data.num_classes, data.in_channels, width)
         if meta.get("data_fingerprint") not in (None, data.fingerprint):
@@ -301,7 +331,7 @@ def get_pretrained(
         raise CheckpointError(f"no cached checkpoint for {model_name} on {dataset} at {str(path)!r}; create it with "
                               f"`{pretrain_command(model_name, dataset, width, data_dir, recipe, split_seed)}`")
     print(f"training {model_name} on {dataset} (cached at {path}) ...", file=sys.stderr)
-    model, meta = train(model_name, data, width, recipe, path, progress)
+    model, meta = train(model_name, data, width, recipe, path, progress, device)
     save_checkpoint(model, meta, path)
     return model, meta
 
@@ -317,16 +347,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--lr", type=float, default=Recipe.lr)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--force", action="store_true", help="retrain even if a checkpoint is cached")
+    p.add_argument("--ship", action="store_true",
+                   help="also write the half-precision copy shipped in envs/checkpoints/ (maintainers)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     path = checkpoint_path(args.model, args.dataset, args.width, args.split_seed, recipe)
-    if args.force and path.exists():
-        path.unlink()
     t0 = time.perf_counter()
-    _, meta = get_pretrained(args.model, args.dataset, args.data_dir, args.width, args.split_seed, recipe)
+    data = load_dataset(args.dataset, args.data_dir, split_seed=args.split_seed)
+    if args.force:
+        _, meta = train(args.model, data, args.width, recipe, path, device=args.device)
+        save_checkpoint(_, meta, path)
+    else:
+        _, meta = get_pretrained(args.model, args.dataset, args.data_dir, args.width, args.split_seed, recipe,
+                                 data=data, device=args.device)
+    if args.ship:
+        print(f"shipped: {ship_checkpoint(path, data, args.device)}", file=sys.stderr)
     print(json.dumps({"checkpoint": str(path), "test_accuracy": meta["test_accuracy"],
                       "train_seconds": meta["train_seconds"], "wall_seconds": round(time.perf_counter() - t0, 1)}))
     return 0

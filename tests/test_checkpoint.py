@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from envs import pretrain
+from envs import pretrain, training
 from envs.data import Split
 from envs.paths import CACHE_ENV
 from envs.pretrain import (
@@ -232,9 +232,9 @@ def small_data(fmnist):
 
 
 def _count_steps(monkeypatch, fail_at: int | None = None) -> list:
-    """Count training steps (one _augment call per batch); raise Interrupted at step ``fail_at`` (1-based)."""
+    """Count training steps (one augment call per batch); raise Interrupted at step ``fail_at`` (1-based)."""
     calls = []
-    real = pretrain._augment
+    real = training.augment
 
     def wrapped(*a, **k):
         calls.append(1)
@@ -242,7 +242,7 @@ def _count_steps(monkeypatch, fail_at: int | None = None) -> list:
             raise Interrupted
         return real(*a, **k)
 
-    monkeypatch.setattr(pretrain, "_augment", wrapped)
+    monkeypatch.setattr(training, "augment", wrapped)
     return calls
 
 

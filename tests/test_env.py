@@ -22,7 +22,7 @@ import envs.latency
 from envs.channel_prune import ChannelPruneEnv
 from envs.cost import count_macs, count_params
 from envs.data import DatasetSplits, Split
-from envs.inference import bf16_supported
+from envs.machine import backend
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -486,7 +486,7 @@ def test_derive_keeps_settings_and_swaps_the_model(make_env):
     assert env2.base_model is tuned and env2.scorer.name == "l1"
 
 
-@pytest.mark.skipif(not bf16_supported(), reason="no fast bf16 on this CPU")
+@pytest.mark.skipif(not backend("cpu").bf16, reason="no fast, safe bf16 on this CPU")
 def test_bf16_evaluation_tracks_fp32_and_leaves_the_model_contiguous(make_env):
     """The default evaluator (channels-last, bf16 autocast) ranks like exact fp32 and hands the model back as given."""
     fast, exact = make_env(eval_precision="auto"), make_env(eval_precision="fp32")
