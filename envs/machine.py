@@ -19,6 +19,7 @@ Users run this on every x86-64 CPU family and on GPUs, so nothing here is assume
 
 * On CUDA: channels-last for both, bfloat16 autocast where the GPU supports it (nothing is known to crash there).
 
+The probe's answer is cached in ``$CHANNELPRUNE_MACHINE_CACHE`` (default ``<cache>/machine``).
 ``CHANNELPRUNE_TRAIN_FORMAT`` / ``CHANNELPRUNE_EVAL_FORMAT`` (``channels_last`` | ``contiguous``) override the
 probe's choice, e.g. to force channels-last training on a machine where the probe refused it for small layers
 but the network to train has none.
@@ -161,7 +162,8 @@ def _time_candidates(candidates: list[str], training: bool) -> dict[str, float]:
         best = float("inf")
         for i in range(7):
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"), torch.set_grad_enabled(training):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"), \
+                    torch.set_grad_enabled(training):
                 y = net(x).float().sum()
             if training:
                 y.backward()
@@ -233,9 +235,17 @@ def probe_cpu() -> dict:
     return res
 
 
+MACHINE_CACHE_ENV = "CHANNELPRUNE_MACHINE_CACHE"
+
+
+def machine_cache_dir() -> Path:
+    """``$CHANNELPRUNE_MACHINE_CACHE`` if set, else ``<cache>/machine``: the probe is a fact about the machine."""
+    return Path(os.environ.get(MACHINE_CACHE_ENV) or cache_dir() / "machine")
+
+
 @lru_cache(maxsize=None)
 def _cpu_probe_cached(key: str) -> dict:
-    path = cache_dir() / "machine" / f"cpu-{key}.json"
+    path = machine_cache_dir() / f"cpu-{key}.json"
     if path.exists():
         try:
             return json.loads(path.read_text())

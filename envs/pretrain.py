@@ -158,10 +158,18 @@ def train(
     use_bf16 = recipe.bf16 and be.bf16
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
-        train_steps(model, train_split, steps_per_epoch, [opt], batch_indices(n, recipe.batch_size, gen, "epoch"),
-                    schedulers=[sched], generator=gen, pad=recipe.pad, flip=recipe.flip,
-                    label_smoothing=recipe.label_smoothing, bf16=use_bf16, device=be, progress=progress,
-                    desc=f"pretrain {model_name} epoch {epoch + 1}/{recipe.epochs}")
+        batches = batch_indices(n, recipe.batch_size, gen, "epoch")
+        run = dict(schedulers=[sched], generator=gen, pad=recipe.pad, flip=recipe.flip,
+                   label_smoothing=recipe.label_smoothing, bf16=use_bf16, device=be, progress=progress,
+                   desc=f"pretrain {model_name} epoch {epoch + 1}/{recipe.epochs}")
+        first = min(3, steps_per_epoch) if epoch == start_epoch else 0
+        if first:  # time a few steps to say how long the whole run takes on this machine
+            train_steps(model, train_split, first, [opt], batches, **run)
+            left = (recipe.epochs - epoch) * steps_per_epoch - first
+            per_step = (time.perf_counter() - t0) / first
+            print(f"pretraining {model_name}: {left} more steps of {recipe.batch_size} images, about "
+                  f"{left * per_step / 60:.0f} min on {be.machine} ({per_step:.2f} s per step)", file=sys.stderr)
+        train_steps(model, train_split, steps_per_epoch - first, [opt], batches, **run)
         elapsed += time.perf_counter() - t0
         if partial is not None:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),

@@ -32,7 +32,8 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, sampler: 
     """Endless seeded batches of indices into a split of ``n`` items.
 
     ``"epoch"``: passes over a fresh permutation each, the last batch of a pass may be smaller;
-    ``"epoch_drop_last"``: the same without the partial last batch (a split smaller than a batch is one batch); ``"replacement"``: uniform with replacement.
+    ``"epoch_drop_last"``: the same without the partial last batch (a split smaller than a batch is one batch);
+    ``"replacement"``: uniform with replacement.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not allowed; allowed: {', '.join(SAMPLERS)}")

@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+import os
+import tempfile
+
 from envs.data import load_dataset
+from envs.machine import MACHINE_CACHE_ENV
 from envs.paths import CACHE_ENV
 
 # The test models are tiny: one thread is faster than two, and far faster when another process (a pretraining
 # run) is using the cores, where OpenMP threads contend.
 torch.set_num_threads(1)
+
+# The machine probe (envs.machine) is a fact about this CPU: one answer for the whole session, shared with the
+# subprocesses tests start (vector-env workers, crash tests), instead of one probe per per-test cache.
+os.environ.setdefault(MACHINE_CACHE_ENV, tempfile.mkdtemp(prefix="channelprune-machine-"))
 
 
 @pytest.fixture(autouse=True)

@@ -300,3 +300,35 @@ def test_tiny_runs(small_data, max_train, epochs):
     model, meta = train("resnet20", small_data, WIDTH, recipe, path=None, progress=False)
     assert meta["train_images"] == max_train
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- shipped checkpoint
+def test_shipped_checkpoint_installs_verified_and_in_float32(trained, fmnist, tmp_path, tmp_cache, monkeypatch):
+    shipped_dir = tmp_path / "shipped"
+    monkeypatch.setattr(pretrain, "SHIPPED_DIR", shipped_dir)
+    out = pretrain.ship_checkpoint(trained["path"], fmnist, device="cpu")
+    meta = json.loads(out.with_suffix(".json").read_text())
+    half = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    assert meta["sha256"] == pretrain.sha256_of(out)
+    assert meta["trained_accuracy"]["test"] == trained["meta"]["test_accuracy"]
+    # float16 rounding moves the accuracy a little, and the sidecar reports the shipped weights' accuracy
+    assert abs(meta["test_accuracy"] - trained["meta"]["test_accuracy"]) <= 0.02
+    _no_training(monkeypatch)
+    model, got = get_pretrained("resnet20", width=WIDTH, recipe=RECIPE, data=fmnist, train_if_missing=False)
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+    assert got["source"].startswith("shipped") and got["sha256"] == meta["sha256"]
+    for k, v in model.state_dict().items():
+        ref = trained["model"].state_dict()[k]
+        assert torch.allclose(v, ref.half().to(ref.dtype), atol=0, rtol=0) or not v.is_floating_point()
+
+
+def test_damaged_shipped_checkpoint_is_refused(trained, fmnist, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "SHIPPED_DIR", tmp_path / "shipped")
+    out = pretrain.ship_checkpoint(trained["path"], fmnist, device="cpu")
+    blob = bytearray(out.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    out.write_bytes(bytes(blob))
+    _no_training(monkeypatch)
+    with pytest.raises(CheckpointError, match="sha256"):
+        get_pretrained("resnet20", width=WIDTH, recipe=RECIPE, data=fmnist, train_if_missing=False)

@@ -18,6 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,28 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda:0")
+
+
+def _episode(env, actions) -> dict:
+    env.reset(seed=0)
+    info = {}
+    for a in actions:
+        _, _, _, _, info = env.step(a)
+    return info
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["static", "runtime"])
+def test_cuda_episode_matches_cpu(make_env, mode):
+    """The same episode on CPU and GPU: the same keep sets, accuracies within 0.2 points."""
+    cpu = make_env(device="cpu", mode=mode, scorer="l1")
+    gpu = make_env(device="cuda", mode=mode, scorer="l1")
+    assert gpu.device.type == "cuda" and cpu.device.type == "cpu"
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        actions = [rng.uniform(-1, 1, cpu.action_space.shape).astype(np.float32) for _ in range(cpu.n_groups)]
+        a, b = _episode(cpu, actions), _episode(gpu, actions)
+        assert a["kept_channels"] == b["kept_channels"] and a["runtime_ratios"] == b["runtime_ratios"]
+        assert abs(a["accuracy"] - b["accuracy"]) <= 0.002
+    # the base model stays on the CPU, untouched
+    assert all(p.device.type == "cpu" for p in gpu.base_model.parameters())
