@@ -5,15 +5,23 @@ ratios, and answers SB3's ``predict(observation, state=None, episode_start=None,
 so ``stable_baselines3.common.evaluation.evaluate_policy`` runs baselines and agents alike. A method that changes
 the network (a regularized fine-tune), the channel choice (its own scorer) or adds a compensation step does it in
 ``prepare()``, which returns the env to evaluate on (``env.derive(model=..., scorer=..., compensate=...)``).
+
+Where the arithmetic runs: a method's own forward / backward passes (sensitivities, calibration, learned scores,
+regularised fine-tunes) run on ``env.device`` ("auto": CUDA when available, else the CPU), on a copy of the network
+moved there (``on_device``); the env's base model stays on the CPU, and plans, scores and statistics come back as
+CPU tensors / numpy arrays. Envs derived with ``env.derive`` inherit the device (it is one of the env's kwargs).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from scipy.optimize import brentq
+from torch import nn
 
 from envs.channel_prune import ChannelPruneEnv
 from envs.groups import keep_count
@@ -30,6 +38,23 @@ def register(name: str) -> Callable[[type["Baseline"]], type["Baseline"]]:
     return deco
 
 
+def on_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """``model`` itself when its parameters are already on ``device`` (or it has none), else a deep copy moved
+    there: the caller's model (an env's base model) is never moved."""
+    dev = torch.device(device)
+    first = next(model.parameters(), None)
+    if first is None or (first.device.type == dev.type and (dev.index is None or first.device.index == dev.index)):
+        return model
+    return copy.deepcopy(model).to(dev)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the queued kernels of a CUDA ``device`` (before reading a clock); nothing on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 class Baseline:
     """Base class: subclasses implement ``plan()`` (and optionally ``prepare()``)."""
 
@@ -44,7 +69,8 @@ class Baseline:
         self.eval_env: ChannelPruneEnv | None = None
         self.ratios: np.ndarray | None = None
         self.runtime_ratios: np.ndarray | None = None
-        self.cpu_seconds = 0.0
+        self.cpu_seconds = 0.0  # process CPU time of prepare() + plan() (GPU work is not in it)
+        self.wall_seconds = 0.0  # wall-clock time of prepare() + plan(), CUDA work included
 
     # -- to override
     def prepare(self) -> ChannelPruneEnv:
@@ -57,9 +83,9 @@ class Baseline:
 
     # -- shared
     def setup(self) -> "Baseline":
-        """Run ``prepare`` and ``plan`` once, timing them (process CPU time)."""
+        """Run ``prepare`` and ``plan`` once, timing them (process CPU time and wall-clock time)."""
         if self.ratios is None:
-            t0 = time.process_time()
+            t0, w0 = time.process_time(), time.perf_counter()
             self.eval_env = self.prepare()
             plan = np.asarray(self.plan(), dtype=np.float64)
             if plan.ndim == 2:  # (n_groups, 2): static and runtime ratios
@@ -69,7 +95,9 @@ class Baseline:
             n = self.eval_env.n_groups
             if self.ratios.shape != (n,):
                 raise ValueError(f"{self.name}: plan has shape {self.ratios.shape}; expected ({n},)")
+            synchronize(getattr(self.env, "device", "cpu"))
             self.cpu_seconds = time.process_time() - t0
+            self.wall_seconds = time.perf_counter() - w0
         return self
 
     def _ratio_to_action(self, r: float) -> float:
@@ -98,7 +126,8 @@ class Baseline:
 
 def cost_of_ratios(env: ChannelPruneEnv, ratios: Sequence[float], runtime: Sequence[float] | None = None) -> float:
     """Cost ratio of the target (effective FLOPs in runtime mode) for a plan of keep ratios."""
-    kept = [keep_count(r, g.num_channels, env.round_to, env.k_min[i]) for i, (r, g) in enumerate(zip(ratios, env.groups))]
+    kept = [keep_count(r, g.num_channels, env.round_to, env.k_min[i])
+            for i, (r, g) in enumerate(zip(ratios, env.groups))]
     if env.mode == "runtime":
         rt = [keep_count(float(runtime[i]) if runtime is not None else 1.0, k, 1) if env.gated[i] else k
               for i, k in enumerate(kept)]

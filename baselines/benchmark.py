@@ -1,7 +1,7 @@
 """Benchmark: every scripted baseline and every learned agent on the same env, budgets, reward split and evaluator.
 
     python -m baselines.benchmark --env ChannelPrune-ResNet18 --budgets 0.3 0.5 0.7 --baselines all \\
-        --agents ppo ddpg --episodes 30 --finetune-steps 100 --out results/
+        --agents ppo ddpg --episodes 30 --finetune-steps 100 --out results/ [--device auto|cpu|cuda|cuda:N]
 
 For each budget and method: the method plans its keep ratios in the env (baselines: ``prepare`` + ``plan``;
 agents: trained here with ``agents.train``, or loaded from ``--agent-runs``, and replayed from ``best.json``);
@@ -11,6 +11,13 @@ fine-tune (``envs.finetune``: SGD, cosine schedule, ``--finetune-steps``) for ev
 on the real test split. The exported (physically pruned, static) network's CPU latency at batch 64 is measured
 against the unpruned net, the two alternately (``envs.cost.compare_latency``), so the speed-up is not skewed by
 whatever else the CPU was doing when the unpruned net was timed.
+
+``--device`` ("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is where the env evaluates,
+the baselines compute, the agents' envs run and the common fine-tune trains. Latency is always measured on the
+CPU (``latency_b64_ms``, ``speedup_b64``: what the README reports) and, when the device is a GPU, on it too
+(``latency_b64_ms_device``, ``speedup_b64_device``). Every row names its machines: ``machine`` (the device's:
+search, fine-tune and device latency ran there) and ``cpu_machine`` (the CPU and threads that timed the CPU
+latency), both from ``envs.machine.backend``.
 
 Outputs in ``--out``: ``results.csv`` (appended row by row as methods finish; a rerun skips finished rows),
 ``results.md``, ``pareto.png`` (test accuracy vs FLOPs), ``keep_ratios.png`` (per-group keep ratios per method),
@@ -34,12 +41,15 @@ import yaml
 
 import envs  # noqa: F401 - registers the ids
 from envs.cost import compare_latency, measure_latency
+from envs.machine import backend, resolve_device
 
 FIELDS = [
     "method", "kind", "budget", "status", "reward_acc_before_ft", "reward_acc_after_ft", "test_acc",
     "flops_ratio", "params_ratio", "effective_flops_ratio", "clamp_total", "latency_b64_ms", "speedup_b64",
-    "search_seconds", "finetune_seconds", "keep_ratios", "error",
+    "latency_b64_ms_device", "speedup_b64_device", "search_seconds", "finetune_seconds", "keep_ratios", "error",
+    "device", "machine", "cpu_machine",
 ]
+LATENCY_BATCH = 64
 
 
 def parse_kv(items: list[str]) -> dict:
@@ -61,6 +71,15 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _append_row(path: Path, row: dict) -> None:
     new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:  # a results.csv from an older version: rewrite it with today's columns
+            old = _read_rows(path)
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w.writeheader()
+                w.writerows({k: r.get(k, "") for k in FIELDS} for r in old)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
@@ -79,8 +98,28 @@ def run_policy(env, policy) -> dict:
             return info
 
 
+def machines(device) -> dict:
+    """The ``device`` / ``machine`` / ``cpu_machine`` fields of a row (``envs.machine.backend``)."""
+    be = backend(device)
+    return {"device": str(be.device), "machine": be.machine,
+            "cpu_machine": be.machine if be.device.type == "cpu" else backend("cpu").machine}
+
+
+def plan_latency(env, static) -> dict:
+    """Batch-64 latency of the exported net ``static`` vs the unpruned net, alternately: on the CPU, and on the
+    env's device too when that is a GPU."""
+    shape = tuple(env.example_input.shape[1:])
+    lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device="cpu")
+    out = {"latency_b64_ms": 1000 * lat, "speedup_b64": base_lat / lat}
+    if env.device.type == "cuda":
+        lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device=env.device)
+        out.update(latency_b64_ms_device=1000 * lat, speedup_b64_device=base_lat / lat)
+    return out
+
+
 def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool) -> dict:
-    """Fine-tune the pruned net of ``info`` with the common recipe; test accuracy; exported latency."""
+    """Fine-tune the pruned net of ``info`` with the common recipe (on ``env.device``); test accuracy; exported
+    latency (``plan_latency``)."""
     from envs.finetune import finetune
 
     kept = info["kept_counts"]
@@ -89,14 +128,13 @@ def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool) -> dict:
     env.recalibrate_bn(net)
     t0 = time.perf_counter()
     if finetune_steps > 0:
-        net = finetune(net, env.data, steps=finetune_steps, progress=progress)
-    ft_s = time.perf_counter() - t0
+        net = finetune(net, env.data, steps=finetune_steps, progress=progress, device=env.device)
+    ft_s = time.perf_counter() - t0  # finetune hands the net back on the CPU: its GPU work is finished
     acc_after, _ = env.evaluate(net, "reward")
     test_acc, _ = env.evaluate(net, "test")
     static = env.graph.prune_copy(env.kept_channels(kept))  # exported net: static pruning only
-    lat, base_lat = compare_latency(static, env.base_model, tuple(env.example_input.shape[1:]), batch_size=64)
-    return {"reward_acc_after_ft": acc_after, "test_acc": test_acc, "latency_b64_ms": 1000 * lat,
-            "speedup_b64": base_lat / lat, "finetune_seconds": ft_s}
+    return {"reward_acc_after_ft": acc_after, "test_acc": test_acc, "finetune_seconds": ft_s,
+            **plan_latency(env, static)}
 
 
 def _row_from_info(method: str, kind: str, budget: float, info: dict) -> dict:
@@ -120,27 +158,45 @@ def benchmark(
     agent_runs: dict[str, str] | None = None,
     seed: int = 0,
     progress: bool = True,
+    device: str | None = None,
 ) -> list[dict]:
+    """Run the benchmark (see the module docstring); returns the rows of ``out/results.csv``.
+
+    ``device``: "auto", "cpu", "cuda" or "cuda:N" for the env, the baselines, the agents' envs and the common
+    fine-tune; None takes ``env_kwargs["device"]``, else "auto". Giving both, differently, is a ValueError.
+    """
     from baselines import make_baseline
 
+    env_kwargs = dict(env_kwargs or {})
+    if device is not None:
+        if "device" in env_kwargs and str(env_kwargs["device"]) != str(device):
+            raise ValueError(f"device={device!r} differs from env_kwargs device={env_kwargs['device']!r}; "
+                             "give one of them")
+        env_kwargs["device"] = device
+    env_kwargs.setdefault("device", "auto")
+    resolve_device(env_kwargs["device"])  # a clear ValueError before anything is built or written
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     done = {(r["method"], float(r["budget"])) for r in _read_rows(csv_path) if r["status"] == "ok"}
-    env_kwargs = dict(env_kwargs or {})
     agent_runs = agent_runs or {}
     for budget in budgets:
         env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
+        where = machines(env.device)
         if ("unpruned", 1.0) not in done:
             shape = tuple(env.example_input.shape[1:])
-            base_lat = measure_latency(env.base_model, shape, batch_size=64, repeats=15)
+            base_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device="cpu")
+            lat = {"latency_b64_ms": 1000 * base_lat, "speedup_b64": 1.0}
+            if env.device.type == "cuda":
+                dev_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15,
+                                          device=env.device)
+                lat.update(latency_b64_ms_device=1000 * dev_lat, speedup_b64_device=1.0)
             acc, _ = env.evaluate(env.base_model, "reward")
             test, _ = env.evaluate(env.base_model, "test")
             _append_row(csv_path, {"method": "unpruned", "kind": "reference", "budget": 1.0, "status": "ok",
                                    "reward_acc_before_ft": acc, "reward_acc_after_ft": acc, "test_acc": test,
                                    "flops_ratio": 1.0, "params_ratio": 1.0, "effective_flops_ratio": 1.0,
-                                   "clamp_total": 0.0, "latency_b64_ms": 1000 * base_lat, "speedup_b64": 1.0,
-                                   "search_seconds": 0.0, "finetune_seconds": 0.0,
-                                   "keep_ratios": json.dumps([1.0] * env.n_groups)})
+                                   "clamp_total": 0.0, **lat, "search_seconds": 0.0, "finetune_seconds": 0.0,
+                                   "keep_ratios": json.dumps([1.0] * env.n_groups), **where})
             done.add(("unpruned", 1.0))
         jobs = [("baseline", n) for n in baselines] + [("agent", a) for a in agents]
         for kind, name in jobs:
@@ -174,7 +230,7 @@ def benchmark(
                 row = {"method": name, "kind": kind, "budget": budget, "status": "error",
                        "error": f"{type(exc).__name__}: {str(exc)[:300]}",
                        "search_seconds": time.perf_counter() - t0}
-            _append_row(csv_path, row)
+            _append_row(csv_path, {**row, **where})
     rows = _read_rows(csv_path)
     write_markdown(rows, out / "results.md", env_id, finetune_steps)
     plot_pareto(rows, out / "pareto.png", env_id)
@@ -191,19 +247,30 @@ def _f(v, fmt="{:.4f}") -> str:
     return "-" if math.isnan(x) else fmt.format(x)
 
 
+def _distinct(rows: list[dict], key: str) -> str:
+    seen = sorted({r.get(key) or "" for r in rows} - {""})
+    return "; ".join(seen) if seen else "not recorded"
+
+
 def write_markdown(rows: list[dict], path: Path, env_id: str, finetune_steps: int) -> None:
+    on_device = any(r.get("latency_b64_ms_device") not in (None, "") for r in rows)
     head = ("| method | budget | acc before FT | acc after FT | test acc | FLOPs | params | eff. FLOPs | clamp | "
-            "latency b64 (ms) | speed-up | search (s) | status |")
+            "latency b64 CPU (ms) | speed-up CPU | " + ("latency b64 device (ms) | speed-up device | " if on_device
+                                                        else "") + "search (s) | status |")
     lines = [f"Benchmark on {env_id}; accuracies on the reward split except 'test acc'; fine-tune: "
-             f"{finetune_steps} steps, the same recipe for every method.", "", head,
-             "|" + "|".join(["---"] * 13) + "|"]
+             f"{finetune_steps} steps, the same recipe for every method.",
+             f"Search, fine-tune{' and device latency' if on_device else ''} on: {_distinct(rows, 'machine')}. "
+             f"CPU latency on: {_distinct(rows, 'cpu_machine')}.", "", head,
+             "|" + "|".join(["---"] * (15 if on_device else 13)) + "|"]
     for r in sorted(rows, key=lambda r: (float(r["budget"]), r["kind"] != "reference", r["method"])):
+        dev = (f"{_f(r.get('latency_b64_ms_device'), '{:.2f}')} | {_f(r.get('speedup_b64_device'), '{:.2f}')} | "
+               if on_device else "")
         lines.append(
             f"| {r['method']} | {_f(r['budget'], '{:.2f}')} | {_f(r['reward_acc_before_ft'])} | "
             f"{_f(r['reward_acc_after_ft'])} | {_f(r['test_acc'])} | {_f(r['flops_ratio'], '{:.3f}')} | "
             f"{_f(r['params_ratio'], '{:.3f}')} | {_f(r['effective_flops_ratio'], '{:.3f}')} | "
             f"{_f(r['clamp_total'], '{:.3f}')} | {_f(r['latency_b64_ms'], '{:.1f}')} | "
-            f"{_f(r['speedup_b64'], '{:.2f}')} | {_f(r['search_seconds'], '{:.0f}')} | "
+            f"{_f(r['speedup_b64'], '{:.2f}')} | {dev}{_f(r['search_seconds'], '{:.0f}')} | "
             f"{r['status'] if r['status'] == 'ok' else 'error: ' + r.get('error', '')} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -296,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=30, help="training episodes per agent")
     p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
+    p.add_argument("--device", default=None,
+                   help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N: where the env "
+                        "evaluates, the baselines compute and the fine-tune trains (latency: CPU, plus the GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
@@ -306,8 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.env not in gym.registry:
         p.error(f"unknown env {args.env!r}; registered: {', '.join(envs.ENV_IDS)}")
     runs = dict(kv.split("=", 1) for kv in args.agent_runs)
+    env_kwargs = parse_kv(args.env_kwargs)
+    if args.device is not None and "device" in env_kwargs and str(env_kwargs["device"]) != args.device:
+        p.error(f"--device {args.device} differs from --env-kwargs device={env_kwargs['device']}; give one")
+    try:
+        resolve_device(args.device or env_kwargs.get("device", "auto"))
+    except ValueError as exc:
+        p.error(str(exc))
     rows = benchmark(args.env, args.budgets, names, args.agents, args.episodes, args.finetune_steps,
-                     Path(args.out), parse_kv(args.env_kwargs), runs, args.seed)
+                     Path(args.out), env_kwargs, runs, args.seed, device=args.device)
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -41,6 +41,11 @@ accuracy falls faster with the gated-off fraction than in the paper. The base pa
 ``sum |W[:, c]|`` (a no-retraining variant; on the tiny test ResNet-20 it is a little more accurate at equal
 FLOPs). In env policy mode the gated convs are the producers of the env's gated groups (block-internal convs);
 ``evaluate_channel_gating(..., all_convs=True)`` gates every conv but the first, as the paper does.
+
+Device: the calibration passes run on the env's device (a copy of the base model is moved there, float32); the
+calibration tables come back as CPU tensors. The gated net is recalibrated and evaluated by the env
+(``env.recalibrate_bn`` / ``env.evaluate``), on the env's device and with its evaluation precision, as every
+pruned net.
 """
 
 from __future__ import annotations
@@ -171,6 +176,8 @@ def calibrate_gates(env: ChannelPruneEnv, p: int = 4, all_convs: bool = False, s
                     base: str = "first", batch_size: int = 128) -> GateCalibration:
     """Partial-sum statistics of the (ungated) base model on ``split``: per-channel mean/std and open fractions.
 
+    Runs on ``env.device`` (a float32 copy of the base model); every table in the result is a CPU tensor.
+
     ``base``: which ``C_in // p`` input channels form the base path: ``"first"`` (the paper) or ``"l1"`` (those
     whose weight slices ``W[:, c]`` have the largest L1 norm; a no-retraining variant).
     """
@@ -183,7 +190,6 @@ def calibrate_gates(env: ChannelPruneEnv, p: int = 4, all_convs: bool = False, s
     layers = gated_layers(env, all_convs, p)
     cal = GateCalibration(layers, p, base)
     mods = dict(env.base_model.named_modules())
-    sums: dict[str, list] = {}
     for n in layers:
         m = mods[n]
         nb = max(1, m.in_channels // p)
@@ -194,11 +200,16 @@ def calibrate_gates(env: ChannelPruneEnv, p: int = 4, all_convs: bool = False, s
             cal.base_idx[n] = mass.argsort(descending=True, stable=True)[:nb].sort().values
         cal.n_base[n] = nb
         cal.rest_macs[n] = (m.in_channels - cal.n_base[n]) * m.kernel_size[0] * m.kernel_size[1]
-        sums[n] = [torch.zeros(m.out_channels, dtype=torch.float64) for _ in range(2)] + [0]
+    dev = env.device
     partial: dict[str, torch.Tensor] = {}
+    idx_dev = {n: cal.base_idx[n].to(dev) for n in layers}
+    sums: dict[str, list] = {n: [torch.zeros(mods[n].out_channels, dtype=torch.float64, device=dev),
+                                 torch.zeros(mods[n].out_channels, dtype=torch.float64, device=dev), 0]
+                             for n in layers}
+    grid = GRID.to(dev)
 
     def hook(mod, inp, _out, name):
-        idx = cal.base_idx[name]
+        idx = idx_dev[name]
         s = F.conv2d(inp[0].index_select(1, idx), mod.weight.index_select(1, idx), None, mod.stride, mod.padding,
                      mod.dilation)
         partial[name] = s
@@ -208,27 +219,30 @@ def calibrate_gates(env: ChannelPruneEnv, p: int = 4, all_convs: bool = False, s
         sums[name][2] += v.shape[1]
 
     data = getattr(env.data, split)
-    model = env.base_model.eval()
-    handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in layers]
+    model = copy.deepcopy(env.base_model).to(dev).eval()  # the base model stays where it is
+    dmods = dict(model.named_modules())
+    handles = [dmods[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in layers]
+    mean, std = {}, {}
     try:
         for x, _ in data.batches(batch_size):  # pass 1: moments
-            model(x)
+            model(x.to(dev))
         for n in layers:
             s0, s1, cnt = sums[n]
-            mean = s0 / cnt
-            cal.mean[n] = mean.float()
-            cal.std[n] = (s1 / cnt - mean.pow(2)).clamp_min(1e-12).sqrt().float().clamp_min(1e-6)
-        counts = {n: torch.zeros(len(GRID), dtype=torch.float64) for n in layers}
+            mu = s0 / cnt
+            mean[n] = mu.float()
+            std[n] = (s1 / cnt - mu.pow(2)).clamp_min(1e-12).sqrt().float().clamp_min(1e-6)
+        counts = {n: torch.zeros(len(GRID), dtype=torch.float64, device=dev) for n in layers}
         totals = {n: 0 for n in layers}
         for x, _ in data.batches(batch_size):  # pass 2: histogram of the normalized partial sums
             partial.clear()
-            model(x)
+            model(x.to(dev))
             for n in layers:
-                z = ((partial[n] - cal.mean[n].view(1, -1, 1, 1)) / cal.std[n].view(1, -1, 1, 1)).flatten()
-                counts[n] += _above_counts(torch.bucketize(z, GRID))  # bucket = number of grid points < z
+                z = ((partial[n] - mean[n].view(1, -1, 1, 1)) / std[n].view(1, -1, 1, 1)).flatten()
+                counts[n] += _above_counts(torch.bucketize(z, grid))  # bucket = number of grid points < z
                 totals[n] += z.numel()
         for n in layers:
-            cal.open_at[n] = (counts[n] / max(totals[n], 1)).float()
+            cal.mean[n], cal.std[n] = mean[n].cpu(), std[n].cpu()
+            cal.open_at[n] = (counts[n] / max(totals[n], 1)).float().cpu()
     finally:
         for h in handles:
             h.remove()

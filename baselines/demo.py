@@ -9,7 +9,8 @@ Stages (each timed; the times are written to ``<out>/stages.json`` and printed):
 
 Environment variables: ``DEMO_OUT`` (default ``results/demo``), ``DEMO_EPISODES`` (agent episodes, default 30),
 ``DEMO_FINETUNE_STEPS`` (default 60), ``DEMO_BASELINES`` (space-separated, default all), ``DEMO_AGENTS``
-(default ``ppo``).
+(default ``ppo``), ``DEMO_DEVICE`` (``auto``: CUDA when available, else CPU; ``cpu``; ``cuda``; ``cuda:N``).
+``stages.json`` names the machine the stages ran on (``envs.machine.backend(device).machine``).
 """
 
 from __future__ import annotations
@@ -28,21 +29,25 @@ def main() -> int:
     episodes = int(os.environ.get("DEMO_EPISODES", "30"))
     ft_steps = int(os.environ.get("DEMO_FINETUNE_STEPS", "60"))
     agents = os.environ.get("DEMO_AGENTS", "ppo").split()
+    device = os.environ.get("DEMO_DEVICE", "auto")
+    from envs.machine import backend
+
+    machine = backend(device).machine  # also checks the device name before anything long starts
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     from envs.pretrain import get_pretrained
 
-    _, meta = get_pretrained("resnet18", "fashion-mnist")
+    _, meta = get_pretrained("resnet18", "fashion-mnist", device=device)
     stages["1_pretrained_checkpoint_s"] = time.perf_counter() - t0
     print(f"[demo] ResNet-18 on Fashion-MNIST: test accuracy {meta['test_accuracy']:.4f} "
-          f"(trained in {meta['train_seconds'] / 60:.1f} min; stage took {stages['1_pretrained_checkpoint_s']:.0f} s)",
-          file=sys.stderr)
+          f"(trained in {meta['train_seconds'] / 60:.1f} min; "
+          f"stage took {stages['1_pretrained_checkpoint_s']:.0f} s on {machine})", file=sys.stderr)
 
     t1 = time.perf_counter()
     import envs  # noqa: F401
 
-    env = gym.make("ChannelPrune-ResNet18", budget=0.5).unwrapped
+    env = gym.make("ChannelPrune-ResNet18", budget=0.5, device=device).unwrapped
     stages["2_env_and_predictors_s"] = time.perf_counter() - t1
     if env.predictors is not None:
         print(f"[demo] importance predictors: {json.dumps(env.predictors.report)}", file=sys.stderr)
@@ -53,11 +58,12 @@ def main() -> int:
     from baselines.benchmark import benchmark
 
     names = os.environ.get("DEMO_BASELINES", "").split() or available()
-    rows = benchmark("ChannelPrune-ResNet18", [0.5], names, agents, episodes, ft_steps, out)
+    rows = benchmark("ChannelPrune-ResNet18", [0.5], names, agents, episodes, ft_steps, out, device=device)
     stages["3_benchmark_s"] = time.perf_counter() - t2
     stages["total_s"] = time.perf_counter() - t0
     (out / "stages.json").write_text(json.dumps({**stages, "test_accuracy_unpruned": meta["test_accuracy"],
-                                                "agent_episodes": episodes, "finetune_steps": ft_steps}, indent=2))
+                                                "agent_episodes": episodes, "finetune_steps": ft_steps,
+                                                "device": device, "machine": machine}, indent=2))
     print((out / "results.md").read_text())
     print("[demo] stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()))
     print(f"[demo] wrote {out}/results.csv, results.md, pareto.png, keep_ratios.png, stages.json")

@@ -32,6 +32,10 @@ the last step's threshold g(steps) equals the ``c_quantile`` (default 0.5: the m
 weights' magnitudes, ``c = quantile(|w_0|) / (lr^(1/2) (steps lr)^mu)`` (0.25 for the tiny test ResNet-20 at 150
 steps); an explicit ``c`` overrides it. No data augmentation. The step counter n starts at 1 for the first update,
 as in the authors' implementation.
+
+Device: the fine-tune runs on the env's device (``baselines.finetune.finetune``: a copy of the base model, handed
+back on the CPU); ``GRDA`` keeps each accumulator on its parameter's device (the copy is moved before the optimizer
+is built).
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ def auto_c(model: nn.Module, steps: int, lr: float, mu: float, quantile: float =
     """``c`` whose threshold after ``steps`` updates is the ``quantile`` of the conv weights' magnitudes."""
     if not (isinstance(quantile, (int, float)) and 0 < quantile < 1):
         raise ValueError(f"c_quantile={quantile!r} must be in (0, 1)")
-    w = torch.cat([p.detach().abs().flatten() for p in _conv_weights(model)])
+    w = torch.cat([p.detach().abs().flatten().cpu() for p in _conv_weights(model)])
     q = float(torch.quantile(w[torch.randperm(len(w), generator=torch.Generator().manual_seed(0))[:1_000_000]],
                              quantile))
     return q / GRDA.threshold(steps, lr, 1.0, mu)
@@ -164,7 +168,7 @@ def channel_density(env: ChannelPruneEnv, model: nn.Module, rule: str = "weights
         if rule == "weights":
             out[i] = sum((w != 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
             continue
-        alive = torch.zeros(g.num_channels, dtype=torch.bool)
+        alive = torch.zeros(g.num_channels, dtype=torch.bool, device=ws[0].device)
         for w in ws:
             norms = w.norm(dim=1)
             alive |= (w != 0).any(1) & (norms >= alive_tol * norms.max())

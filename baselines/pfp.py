@@ -28,6 +28,8 @@ Details and deviations:
 * Randomized PFP samples filters and reweights them; here the deterministic variant keeps, per layer, the
   expected number of unique samples' worth of the most sensitive filters. No reweighting and no retraining: the
   benchmark's common fine-tune is applied to every method alike.
+* The forward passes run on the env's device (``ImportanceContext.device``; a copy of the network is moved there),
+  in float32; the sensitivities come back as numpy arrays.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from tqdm.auto import tqdm
 from envs.channel_prune import ChannelPruneEnv
 from envs.groups import GroupGraph
 from envs.importance import ImportanceContext
+from envs.machine import resolve_device
 
-from .base import Baseline, cost_of_ratios, register
+from .base import Baseline, cost_of_ratios, on_device, register
 
 
 def _unfold(a: torch.Tensor, mod: nn.Module, channels: int) -> torch.Tensor:
@@ -70,7 +73,7 @@ def _relative_contributions(a: torch.Tensor, mod: nn.Module, channels: int, chun
     w = _weight_rows(mod, channels)  # (O, C, T)
     cols = _unfold(a, mod, channels)  # (N, C, T, P)
     n, c, t, p = cols.shape
-    out = torch.zeros(c, dtype=torch.float64)
+    out = torch.zeros(c, dtype=torch.float64, device=a.device)
     for wpart in (w.clamp_min(0), (-w).clamp_min(0)):
         # z (N, O, P): each neuron's total from this sign's weights (bias excluded, as in the paper)
         z = torch.einsum("oct,nctp->nop", wpart, cols)
@@ -78,7 +81,7 @@ def _relative_contributions(a: torch.Tensor, mod: nn.Module, channels: int, chun
         wf = wpart.reshape(wpart.shape[0], c * t)  # (O, F)
         fc = max(1, chunk // max(1, wf.shape[0] * p))  # taps per block: bounds the (O, taps, P) intermediate
         for i in range(n):
-            best = torch.empty(c * t, p)
+            best = torch.empty(c * t, p, device=a.device)
             for f0 in range(0, c * t, fc):  # max_i w_if / z_ip
                 torch.amax(wf[:, f0 : f0 + fc, None] * inv[i][:, None, :], 0, out=best[f0 : f0 + fc])
             g = (cols[i].reshape(c * t, p) * best).reshape(c, t * p).amax(1)
@@ -93,12 +96,19 @@ def pfp_sensitivities(
     images: torch.Tensor,
     batch_size: int = 16,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> list[np.ndarray]:
-    """Empirical sensitivity (the paper's s_j) of every channel of every group on ``images``; max over readers."""
+    """Empirical sensitivity (the paper's s_j) of every channel of every group on ``images``; max over readers.
+
+    Runs on ``device`` (a copy of ``model`` is moved there unless it is there already; ``images`` are moved batch
+    by batch); returns CPU numpy arrays.
+    """
     if images.ndim < 2 or len(images) == 0:
         raise ValueError(f"images has shape {tuple(images.shape)}; expected a non-empty batch (N, C, H, W)")
+    dev = resolve_device(device)
+    model = on_device(model, dev)
     mods = dict(model.named_modules())
-    sens = [torch.zeros(g.num_channels, dtype=torch.float64) for g in graph.groups]
+    sens = [torch.zeros(g.num_channels, dtype=torch.float64, device=dev) for g in graph.groups]
     readers: dict[str, list[int]] = {}
     for g in graph.groups:
         for name in g.consumers:
@@ -111,7 +121,7 @@ def pfp_sensitivities(
     try:
         for start in tqdm(range(0, len(images), batch_size), desc="PFP sensitivities", disable=not progress):
             captured.clear()
-            model(images[start : start + batch_size])
+            model(images[start : start + batch_size].to(dev))
             for name, a in captured.items():
                 mod = mods[name]
                 for gi in readers[name]:
@@ -129,7 +139,7 @@ def pfp_sensitivities(
         for h in hooks:
             h.remove()
         model.train(was)
-    return [s.numpy() for s in sens]
+    return [s.cpu().numpy() for s in sens]
 
 
 def expected_unique(sensitivities: np.ndarray, m: float) -> float:
@@ -201,7 +211,7 @@ class PFPScorer:
     def scores(self, ctx: ImportanceContext) -> list[np.ndarray]:
         if self.sensitivities is None:
             self.sensitivities = pfp_sensitivities(ctx.model, ctx.graph, ctx.calib.x[: self.images],
-                                                   self.batch_size, self.progress)
+                                                   self.batch_size, self.progress, device=ctx.device)
         return self.sensitivities
 
 

@@ -28,6 +28,9 @@ is a bounded fine-tune of the pretrained net (default 150 SGD steps of batch 64,
 lambda is larger (default 0.03) to let the polarization form in that budget; no data augmentation. The paper
 tunes ``t`` per FLOPs target; here ``t`` is fixed (default 1.2) and the budget is met by ``fit_to_budget``. The
 paper then fine-tunes the pruned net; the benchmark's common fine-tune (if any) does that for every method alike.
+
+Device: the sparsity fine-tune runs on the env's device (``baselines.finetune.finetune``: a copy of the base model,
+handed back on the CPU); the penalty and the clamp work on whatever device the model is on.
 """
 
 from __future__ import annotations
@@ -127,10 +130,10 @@ def group_bn_scales(env: ChannelPruneEnv, model: nn.Module) -> list[np.ndarray]:
     out = []
     for g in env.groups:
         if g.bns:
-            out.append((sum(mods[n].weight.detach().abs() for n in g.bns) / len(g.bns)).numpy())
+            out.append((sum(mods[n].weight.detach().abs() for n in g.bns) / len(g.bns)).cpu().numpy())
         else:
             w = sum(mods[n].weight.detach().flatten(1).abs().sum(1) for n in g.producers)
-            out.append((w / w.max().clamp_min(1e-12)).numpy())
+            out.append((w / w.max().clamp_min(1e-12)).cpu().numpy())
     return out
 
 

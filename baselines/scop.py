@@ -34,6 +34,9 @@ Details and deviations:
   it, at least ``min_keep``), lowered as far as the budget allows, then ``fit_to_budget`` scales the plan so it
   meets the budget as closely as channel rounding permits. The paper prunes a fixed fraction of every layer;
   the global threshold lets the scores decide the per-layer ratios, which is what the env's comparison is about.
+* Device: the mixing factors are learned on the env's device (a copy of the network and the batches are moved
+  there); batch indices and knockoffs are drawn on the CPU from the seeded generator, so the batches are the same
+  on every device; the betas come back as CPU tensors.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ from tqdm.auto import tqdm
 from envs.channel_prune import ChannelPruneEnv
 from envs.data import Split
 from envs.groups import GroupGraph
+from envs.machine import resolve_device
 
-from .base import Baseline, cost_of_ratios, fit_to_budget, register
+from .base import Baseline, cost_of_ratios, fit_to_budget, on_device, register
 
 _MEMORY_CACHE: dict[tuple, list[torch.Tensor]] = {}
 
@@ -119,7 +123,7 @@ def gamma_magnitudes(model: nn.Module, graph: GroupGraph) -> list[np.ndarray]:
         if not bns:
             out.append(np.ones(g.num_channels))
         else:
-            out.append((sum(m.weight.detach().abs() for m in bns) / len(bns)).double().numpy())
+            out.append((sum(m.weight.detach().abs() for m in bns) / len(bns)).double().cpu().numpy())
     return out
 
 
@@ -133,15 +137,21 @@ def learn_betas(
     lr: float = 0.05,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[torch.Tensor]:
-    """Learn the mixing factors beta (one per channel of every group) with the network frozen."""
+    """Learn the mixing factors beta (one per channel of every group) with the network frozen.
+
+    Runs on ``device`` (a copy of ``model`` is moved there unless it is there already); returns CPU tensors.
+    """
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps={steps!r} must be a positive integer")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     gen = torch.Generator().manual_seed(int(seed))
+    dev = resolve_device(device)
+    model = on_device(model, dev)
     mods = dict(model.named_modules())
-    thetas = [torch.zeros(g.num_channels, requires_grad=True) for g in graph.groups]
+    thetas = [torch.zeros(g.num_channels, device=dev, requires_grad=True) for g in graph.groups]
     sites = _mix_sites(graph)
     half = {"n": 0}
 
@@ -162,9 +172,9 @@ def learn_betas(
     try:
         for _ in tqdm(range(steps), desc="SCOP mixing factors", disable=not progress, mininterval=2.0):
             idx = torch.randint(len(data), (batch_size,), generator=gen)
-            x, y = data.x[idx], data.y[idx]
+            x, y = data.x[idx], data.y[idx].to(dev)
             half["n"] = len(x)
-            out = model(torch.cat([x, knockoffs.sample(len(x), gen)], 0))
+            out = model(torch.cat([x, knockoffs.sample(len(x), gen)], 0).to(dev))
             loss = F.cross_entropy(out[: len(x)], y)
             opt.zero_grad()
             loss.backward()
@@ -175,12 +185,13 @@ def learn_betas(
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
         model.train(was)
-    return [torch.sigmoid(t.detach()) for t in thetas]
+    return [torch.sigmoid(t.detach()).cpu() for t in thetas]
 
 
 def scop_scores(betas: list[torch.Tensor], gammas: list[np.ndarray]) -> list[np.ndarray]:
     """score = |gamma| * (2 beta - 1): positive when the real feature beats its knockoff."""
-    return [np.asarray(gm, dtype=np.float64) * (2.0 * b.double().numpy() - 1.0) for b, gm in zip(betas, gammas)]
+    return [np.asarray(gm, dtype=np.float64) * (2.0 * b.double().cpu().numpy() - 1.0)
+            for b, gm in zip(betas, gammas)]
 
 
 def _structure_key(graph: GroupGraph) -> str:
@@ -233,7 +244,7 @@ class SCOPScorer:
         knock = GaussianKnockoffs(ctx.calib.x, max_dim=self.max_dim)
         data = ctx.train if ctx.train is not None else ctx.calib
         betas = learn_betas(ctx.model, ctx.graph, data, knock, self.steps, self.batch_size, self.lr, self.seed,
-                            self.progress)
+                            self.progress, device=ctx.device)
         if path is None:
             _MEMORY_CACHE[mem_key] = betas
         else:

@@ -1,6 +1,7 @@
 """Speed benchmark of the environment (``make bench``; numbers go to the README).
 
-    python -m envs.bench --env ChannelPrune-ResNet18 --budget 0.5 --episodes 5 --memory-episodes 300
+    python -m envs.bench --env ChannelPrune-ResNet18 --budget 0.5 --episodes 5 --memory-episodes 300 \\
+        [--device auto|cpu|cuda|cuda:N]
 
 Prints, for one fixed plan (uniform keep ratios fitted to the budget):
 
@@ -11,7 +12,11 @@ Prints, for one fixed plan (uniform keep ratios fitted to the budget):
 * evaluator throughput: the unpruned net on the reward split, images/s, for a plain contiguous float32 loop and
   for the env's evaluator with ``eval_precision`` "fp32" (channels-last) and "bf16" (channels-last + autocast);
 * resident memory (RSS) before and after ``--memory-episodes`` episodes on a small reward/calibration split
-  (memory growth is what matters there, not speed).
+  (memory growth is what matters there, not speed); on a GPU also the peak of CUDA memory allocated.
+
+Everything runs on ``--device`` ("auto": CUDA when available, else the CPU), and the result names its machine
+(``device``, ``machine``: ``envs.machine.backend(device).machine``). Wall-clock times are read after the device
+has finished its queued work.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401 - registers the ids
-from envs.machine import backend
+from envs.machine import backend, resolve_device
 
 
 def _rss_mb() -> float:
@@ -54,41 +59,54 @@ def _episode(env, actions) -> dict:
     return info
 
 
-def _timed(fn, repeats: int) -> float:
+def _sync(device) -> None:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, repeats: int, device="cpu") -> float:
+    """Median wall-clock seconds of ``fn()``, the device's queued work included."""
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 @torch.no_grad()
-def _plain_fp32_eval(model: torch.nn.Module, split, batch_size: int) -> None:
+def _plain_fp32_eval(model: torch.nn.Module, split, batch_size: int, device="cpu") -> None:
+    """A plain contiguous float32 loop over ``split`` with ``model`` (already on ``device``)."""
     model.eval()
     for x, _ in split.batches(batch_size):
-        model(x).argmax(1)
+        model(x.to(device)).argmax(1)
 
 
 def evaluator_throughput(env, repeats: int) -> dict[str, float]:
     """Images/s of the unpruned net on the reward split: a plain float32 loop, then the env's evaluator."""
     n = len(env.data.reward)
-    out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(env.base_model, env.data.reward,
-                                                            env.eval_batch_size), repeats)}
+    dev = env.device
+    plain = copy.deepcopy(env.base_model).to(dev)  # the base model stays on the CPU
+    out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(plain, env.data.reward, env.eval_batch_size, dev),
+                                    repeats, dev)}
     for precision in ("fp32", "bf16"):
         if precision == "bf16" and not backend(env.device).bf16:
             continue
         other = env.derive(eval_precision=precision)
-        out[precision] = n / _timed(lambda e=other: e.evaluate(e.base_model), repeats)
+        out[precision] = n / _timed(lambda e=other: e.evaluate(e.base_model), repeats, dev)
     return out
 
 
 def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwargs: dict) -> dict:
     env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
+    dev = env.device
     actions = _uniform_actions(env)
     info = _episode(env, actions)  # warm-up
     kept = info["kept_counts"]
-    t_episode = _timed(lambda: _episode(env, actions), episodes)
+    t_episode = _timed(lambda: _episode(env, actions), episodes, dev)
 
     def pruned_only():
         pruned = env.build_pruned(kept)
@@ -100,8 +118,8 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
         env.evaluate(net)
 
     net = env.build_pruned(kept)
-    t_pruned_build = _timed(pruned_only, episodes)
-    t_pruned = _timed(pruned_forward_only, episodes)
+    t_pruned_build = _timed(pruned_only, episodes, dev)
+    t_pruned = _timed(pruned_forward_only, episodes, dev)
 
     masked = copy.deepcopy(env.base_model)
     hooks = env.graph.mask_hooks(masked, env.graph.masks(env.kept_channels(kept)))
@@ -110,12 +128,13 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
         env.recalibrate_bn(masked)
         env.evaluate(masked)
 
-    t_mask = _timed(mask_based, episodes)
+    t_mask = _timed(mask_based, episodes, dev)
     for h in hooks:
         h.remove()
     throughput = evaluator_throughput(env, episodes)
     result = {
         "env": env_id, "budget": budget, "threads": torch.get_num_threads(),
+        "device": str(dev), "machine": backend(dev).machine,
         "reward_images": len(env.data.reward), "calib_images": len(env.data.calib),
         "flops_ratio": info["flops_ratio"], "accuracy": info["accuracy"],
         "episode_s": t_episode, "pruned_forward_recal_s": t_pruned, "pruned_build_forward_recal_s": t_pruned_build,
@@ -137,6 +156,8 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
         del acts
         result.update({"memory_episodes": memory_episodes, "rss_mb_after_10": rss[0], "rss_mb_mid": rss[1],
                        "rss_mb_end": rss[-1], "rss_growth_mb_10_to_end": rss[-1] - rss[0]})
+    if dev.type == "cuda":
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
 
 
@@ -147,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=5, help="timed repeats (median)")
     p.add_argument("--memory-episodes", type=int, default=300)
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
+    p.add_argument("--device", default=None,
+                   help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
     import yaml
@@ -157,9 +180,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--env-kwargs entries look like key=value; got {kv!r}")
         k, v = kv.split("=", 1)
         kwargs[k] = yaml.safe_load(v)
+    if args.device is not None:
+        if "device" in kwargs and str(kwargs["device"]) != args.device:
+            p.error(f"--device {args.device} differs from --env-kwargs device={kwargs['device']}; give one")
+        kwargs["device"] = args.device
+    kwargs.setdefault("device", "auto")
+    try:
+        resolve_device(kwargs["device"])
+    except ValueError as exc:
+        p.error(str(exc))
     res = run(args.env, args.budget, args.episodes, args.memory_episodes, kwargs)
     print(f"{args.env} at {args.budget:.0%} FLOPs, reward split {res['reward_images']} images, "
-          f"calibration {res['calib_images']}, {res['threads']} threads")
+          f"calibration {res['calib_images']}, on {res['device']}: {res['machine']}")
     print(f"  episode (all steps + prune + recal + eval):  {res['episode_s']:.2f} s")
     print(f"  pruned net recal + forward alone:           {res['pruned_forward_recal_s']:.2f} s "
           f"(episode / this = {res['episode_over_pruned_forward']:.2f}x)")

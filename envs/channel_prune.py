@@ -23,7 +23,8 @@ from .runtime import GateSpec, install_gates
 
 TARGETS = ("flops", "params", "latency")
 MODES = ("static", "runtime")
-REWARDS = ("acc", "acc_flops", "paper7")
+REWARDS = ("acc", "acc_flops", "relative_ce")
+REWARD_ALIASES = {"paper7": "relative_ce"}  # the name earlier versions used (paper 7 of the reading list)
 BUDGET_MODES = ("wall", "penalty")
 OBS_FEATURES = (
     "index", "is_residual", "c_in", "c_out", "stride", "kernel", "in_size", "group_macs", "reduced", "rest",
@@ -90,7 +91,8 @@ class ChannelPruneEnv(gym.Env):
 
     * ``"acc"`` (default, AMC with the action wall): accuracy on the reward split, in [0, 1].
     * ``"acc_flops"`` (AMC's R_FLOPs): ``-error * log(MACs)`` (effective MACs in runtime mode).
-    * ``"paper7"``: ``-CE / running mean CE`` (the running mean is an exponential average over episodes).
+    * ``"relative_ce"`` (Chen, Chen & Pan 2020; alias ``"paper7"``): ``-CE / running mean CE`` (the running mean
+      is an exponential average over episodes).
 
     With ``budget_mode="penalty"`` there is no wall and ``penalty_coef * (exp(excess) - 1)`` is subtracted, where
     ``excess = max(0, cost ratio / budget - 1)`` summed over the constrained costs (paper 7's exponential penalty).
@@ -105,7 +107,8 @@ class ChannelPruneEnv(gym.Env):
 
     ## Info
 
-    Every step: ``group`` (name), ``group_index``, ``action`` (requested keep ratio), ``keep_ratio`` (applied),
+    Every step: ``group`` (name), ``group_index``, ``action`` (the action after clipping to [-1, 1]),
+    ``requested_keep_ratio`` (what the action asked for), ``keep_ratio`` (applied after the wall),
     ``runtime_ratio`` (runtime mode), ``clamped`` (keep ratio removed by the wall, >= 0; channel rounding is
     not counted). At the end also: ``accuracy``,
     ``loss``, ``flops_ratio`` (static MACs), ``params_ratio``, ``effective_flops_ratio`` (per-input MACs actually
@@ -118,7 +121,7 @@ class ChannelPruneEnv(gym.Env):
     ``model`` (zoo name or ``nn.Module``), ``dataset`` ("fashion-mnist", "cifar10", "imagefolder"), ``data_dir``,
     ``checkpoint`` (a file; default: the cache, trained when missing unless ``train_if_missing=False``),
     ``width``, ``budget`` in (0, 1], ``target`` in {flops, params, latency}, ``mode`` in {static, runtime},
-    ``storage_budget`` (runtime mode: parameters kept), ``reward`` in {acc, acc_flops, paper7}, ``budget_mode`` in
+    ``storage_budget`` (runtime mode: parameters kept), ``reward`` in {acc, acc_flops, relative_ce}, ``budget_mode`` in
     {wall, penalty}, ``reward_size``, ``calib_size``, ``split_seed``, ``min_keep`` in (0, 1], ``round_to``,
     ``scorer`` ("learned", "l1", "bn", "taylor" or an object with ``scores(ctx)``), ``internal_only``,
     ``compensate`` (None, "merge" for neuron merging, or a callable), ``render_mode`` ("ansi", "rgb_array"),
@@ -181,6 +184,7 @@ class ChannelPruneEnv(gym.Env):
         progress: bool = True,
     ):
         super().__init__()
+        reward = REWARD_ALIASES.get(reward, reward)
         self._check_args(budget, target, mode, reward, budget_mode, min_keep, round_to, scorer, storage_budget,
                          render_mode)
         self.budget, self.target, self.mode, self.reward_kind = float(budget), target, mode, reward
@@ -251,7 +255,7 @@ class ChannelPruneEnv(gym.Env):
         # --- cost model
         self.latency_table = None
         if target == "latency" or latency:
-            self.latency_table = LatencyTable(self.graph, batch_size=latency_batch)
+            self.latency_table = LatencyTable(self.graph, batch_size=latency_batch, device=self.device)
         self.k_min = [keep_count(self.min_keep, g.num_channels, self.round_to) for g in self.groups]
         self.k_full = [g.num_channels for g in self.groups]
         self._base_cost = {
@@ -389,7 +393,8 @@ class ChannelPruneEnv(gym.Env):
         self._t += 1
         terminated = self._t >= self.n_groups
         reward = 0.0
-        info = {"group": g.name, "group_index": t, "action": want, "keep_ratio": applied,
+        info = {"group": g.name, "group_index": t, "action": a.astype(np.float32).tolist(),
+                "requested_keep_ratio": want, "keep_ratio": applied,
                 "runtime_ratio": r / k, "clamped": clamped}
         if terminated:
             reward, final = self._finish()

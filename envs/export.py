@@ -2,6 +2,7 @@
 
     python -m envs.export --policy best.json --out model/ [--finetune-steps 500]
     python -m envs.export --baseline uniform --env ChannelPrune-ResNet20 --env-kwargs budget=0.5 --out model/
+    ... [--device auto|cpu|cuda|cuda:N]   (where the env evaluates and the fine-tune trains; default auto)
 
 The network is pruned exactly as the environment prunes it at the end of an episode (Torch-Pruning's handlers, i.e.
 DepGraph, Fang et al., CVPR 2023, on a copy of the base model, the env's compensation if it has one, then BatchNorm
@@ -25,9 +26,12 @@ Files written to ``out_dir``:
   ``onnxscript``, which the project does not depend on.
 * ``report.json``: reward-split accuracy of the exported model (reloaded from the files) and the env's own
   accuracy for the plan, test accuracy, MACs and parameters of the exported and unpruned networks (``envs.cost``;
-  the FLOPs reduction factor is unpruned / exported MACs), median CPU latency at batch 1 and 64
-  (``envs.cost.measure_latency``; the best of 3 alternating rounds, as other processes inflate single medians) of
-  both and the speed-up, and the fine-tuning applied (``envs.finetune``).
+  the FLOPs reduction factor is unpruned / exported MACs), CPU latency at batch 1 and 64 (``latency``:
+  ``envs.cost.compare_latency``, timed by ``torch.utils.benchmark.Timer``; the best of 3 alternating rounds, as
+  other processes inflate single medians) of both and the speed-up, and the fine-tuning applied
+  (``envs.finetune``). When the env's device is a GPU, the same on the GPU (``latency_device``). Each latency
+  block and the report itself name their machine (``envs.machine.backend(device).machine``): ``machine`` is the
+  env's device (evaluation, fine-tune), ``latency.machine`` the CPU and threads that timed the CPU latency.
 
 Only static pruning is exported physically: runtime gates choose channels per input, which a fixed-shape network
 cannot express. For a runtime-mode env the statically pruned network (every kept channel computed) is exported;
@@ -50,6 +54,7 @@ from torch import nn
 
 from .cost import compare_latency, count_macs, count_params
 from .finetune import finetune
+from .machine import backend, resolve_device
 from .models import build_model
 
 FORMAT = "channelprune-export/1"
@@ -239,6 +244,27 @@ def static_pruned(env, kept_counts: Sequence[int]) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- export
+def export_latency(exported: nn.Module, base: nn.Module, shape: tuple[int, ...], repeats: int,
+                   batches: Sequence[int] = LATENCY_BATCHES, threads: int | None = None,
+                   device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Seconds per forward pass of ``exported`` and ``base`` at each batch size, measured alternately on ``device``
+    (``envs.cost.compare_latency``: the best of up to ``LATENCY_ROUNDS`` rounds of ``repeats`` passes in all), with
+    the speed-up and the machine that was timed."""
+    be = backend(device)
+    rounds = min(LATENCY_ROUNDS, repeats)
+    per_round = math.ceil(repeats / rounds)
+    lat: dict[str, Any] = {"device": str(be.device), "machine": be.machine, "repeats": per_round * rounds,
+                           "statistic": f"seconds per forward pass (torch.utils.benchmark.Timer): the smallest of "
+                                        f"{rounds} medians of about {per_round} passes, exported and unpruned "
+                                        "measured alternately"}
+    if be.device.type == "cpu":
+        lat["threads"] = int(threads or torch.get_num_threads())
+    for b in batches:
+        t_exp, t_base = compare_latency(exported, base, shape, b, threads, rounds, per_round, device=be.device)
+        lat[f"batch{b}"] = {"exported_s": t_exp, "base_s": t_base, "speedup": t_base / t_exp}
+    return lat
+
+
 def _jsonable(d: dict) -> dict:
     out = {}
     for k, v in d.items():
@@ -333,7 +359,7 @@ def export_pruned(
     acc_pruned, loss_pruned = env.evaluate(pruned, "reward")
     ft: dict[str, Any] = {"steps": finetune_steps}
     if finetune_steps:
-        pruned = finetune(pruned, data, finetune_steps, seed=seed, progress=progress)
+        pruned = finetune(pruned, data, finetune_steps, seed=seed, progress=progress, device=env.device)
         ft["reward_accuracy_before"], ft["reward_accuracy_after"] = acc_pruned, env.evaluate(pruned, "reward")[0]
         ft["recipe"] = ("envs.finetune defaults: SGD Nesterov lr 0.01 cosine, batch 64, wd 5e-4, "
                         "label smoothing 0.1")
@@ -362,6 +388,7 @@ def export_pruned(
     env_acc = env_info.get("accuracy")
     report: dict[str, Any] = {
         "format": FORMAT, "source": source or {}, "model": arch["model"], "width": config["width"],
+        "device": str(env.device), "machine": backend(env.device).machine,
         "mode": env.mode, "kept_counts": kept,
         "keep_ratios": [k / g.num_channels for k, g in zip(kept, env.groups)],
         "reward_accuracy": acc, "reward_loss": loss,
@@ -397,15 +424,11 @@ def export_pruned(
     })
     if latency_repeats:
         shape = tuple(example.shape[1:])
-        rounds = min(LATENCY_ROUNDS, latency_repeats)
-        per_round = math.ceil(latency_repeats / rounds)
-        lat: dict[str, Any] = {"threads": int(threads or torch.get_num_threads()), "repeats": per_round * rounds,
-                               "statistic": f"seconds per forward pass: the smallest of {rounds} medians of "
-                                            f"{per_round} passes, exported and unpruned measured alternately"}
-        for b in latency_batches:
-            t_exp, t_base = compare_latency(exported, env.base_model, shape, b, threads, rounds, per_round)
-            lat[f"batch{b}"] = {"exported_s": t_exp, "base_s": t_base, "speedup": t_base / t_exp}
-        report["latency"] = lat
+        report["latency"] = export_latency(exported, env.base_model, shape, latency_repeats, latency_batches,
+                                           threads, "cpu")
+        if env.device.type == "cuda":
+            report["latency_device"] = export_latency(exported, env.base_model, shape, latency_repeats,
+                                                      latency_batches, threads, env.device)
     onnx_info: dict[str, Any] = {"file": None, "skipped": "onnx=False"}
     if onnx:
         onnx_info = _onnx_export(exported, example, out_dir / ONNX_FILE, data.reward.x[:8])
@@ -514,7 +537,8 @@ def export_baseline(name: str, env_id: str, out_dir: str | Path, env_kwargs: dic
             break
     info = dict(ev.last_info)
     source = {"kind": "baseline", "baseline": name, "seed": seed, "env_id": env_id,
-              "env_kwargs": _jsonable(env_kwargs or {}), "plan_cpu_seconds": baseline.cpu_seconds}
+              "env_kwargs": _jsonable(env_kwargs or {}), "plan_cpu_seconds": baseline.cpu_seconds,
+              "plan_wall_seconds": baseline.wall_seconds, "machine": backend(ev.device).machine}
     return export_pruned(ev, info["kept_counts"], out_dir, env_info=info, arch=arch, source=source, seed=seed,
                          **kwargs)
 
@@ -543,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V",
                    help="env keyword arguments (with --policy: overrides of the policy's env_kwargs)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", default=None,
+                   help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N: where the env "
+                        "evaluates and the fine-tune trains; overrides a policy file's device. Latency: CPU, plus "
+                        "the GPU")
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after pruning (envs.finetune)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latency-repeats", type=int, default=20,
@@ -557,6 +585,13 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.quiet)
     try:
         kv = _parse_kv(args.env_kwargs)
+        if args.device is not None:
+            if "device" in kv and str(kv["device"]) != args.device:
+                raise ValueError(f"--device {args.device} differs from --env-kwargs device={kv['device']}; "
+                                 "give one of them")
+            kv["device"] = args.device
+        kv.setdefault("device", "auto")  # the machine's choice, not the policy's: a GPU run's policy exports here
+        resolve_device(kv["device"])
         if args.quiet:
             kv.setdefault("progress", False)
         if args.policy is not None:

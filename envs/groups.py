@@ -79,8 +79,9 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _channel_dim(m: nn.Module) -> int:
-    """Channel dimension of a layer's output: last for linear layers and LayerNorm (channels-last), else 1."""
+def channel_dim(m: nn.Module) -> int:
+    """Channel dimension of a layer's output: last for linear layers and LayerNorm (channels-last: (N, C) or
+    ConvNeXt's (N, H, W, C)), 1 for convolutions and BatchNorm ((N, C, H, W))."""
     return -1 if isinstance(m, (nn.Linear, nn.LayerNorm)) else 1
 
 
@@ -88,9 +89,9 @@ def _meta_clone(m: nn.Module) -> nn.Module:
     """A shallow copy of a leaf module with its parameters and buffers on the meta device (no memory), so that
     a Torch-Pruning handler can be applied to it to see which tensor dimensions it prunes."""
     c = copy.copy(m)
-    c.__dict__["_parameters"] = {k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype,
-                                                                                    device="meta"), p.requires_grad)
-                                 for k, p in m._parameters.items()}
+    c.__dict__["_parameters"] = {
+        k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
+        for k, p in m._parameters.items()}
     c.__dict__["_buffers"] = {k: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
                               for k, b in m._buffers.items()}
     return c
@@ -105,12 +106,15 @@ class _ModuleTracker:
         self.handles = []
         for name, m in model.named_modules():
             self.handles.append(m.register_forward_pre_hook(lambda _m, _i, n=name: self._enter(n, _m)))
-            self.handles.append(m.register_forward_hook(lambda _m, _i, _o: self.stack.pop()))
+            self.handles.append(m.register_forward_hook(self._leave))
 
     def _enter(self, name: str, m: nn.Module) -> None:
         self.stack.append(name)
         if next(m.parameters(recurse=False), None) is not None and name not in self.ran:
             self.ran.append(name)
+
+    def _leave(self, _m, _i, _o) -> None:  # returns None: a forward hook's return value replaces the output
+        self.stack.pop()
 
     def close(self) -> None:
         for h in self.handles:
@@ -172,53 +176,17 @@ class GroupGraph:
             raw = list(self.dg.get_all_groups(ignored_layers=list(ignored_layers),
                                               root_module_types=[nn.Conv2d, nn.Linear]))
         except Exception as exc:  # noqa: BLE001 - surface which layer failed
-            raise UnsupportedModelError(f"Torch-Pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
+            raise UnsupportedModelError(f"Torch-Pruning could not trace the model: {type(exc).__name__}: {exc}"
+                                        ) from exc
         param_names = {p: n for n, p in model.named_parameters()}
         order = {n: i for i, n in enumerate(self.names.values())}
         groups: list[ChannelGroup] = []
         deps: list[list[_Dep]] = []
         for g in raw:
-            root_mod = g[0].dep.target.module
-            root = self.names[root_mod]
-            n_ch = int(root_mod.out_channels if isinstance(root_mod, nn.Conv2d) else root_mod.out_features)
-            producers, consumers, bns, dw, shared = [], [], [], [], []
-            group_deps: list[_Dep] = []
-            for item in g:
-                dep, idxs = item
-                target = dep.target.module
-                if isinstance(target, nn.Parameter) and target in param_names:
-                    name, is_param = param_names[target], True
-                elif isinstance(target, nn.Module) and target in self.names:
-                    name, is_param = self.names[target], False
-                else:
-                    continue  # functional nodes (adds, concatenations, reshapes) carry no weights
-                axis = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
-                pos = _positions(root, name, axis, idxs, item.root_idxs, n_ch)
-                group_deps.append(_Dep(name, is_param, dep.handler, dep.target.pruning_dim, axis, pos))
-                if is_param:
-                    continue
-                identity = pos.shape[1] == 1 and np.array_equal(pos[:, 0], np.arange(n_ch))
-                width = _width(target, axis)
-                exact = identity and width == n_ch
-                if _is_depthwise(target) or (axis == "out" and isinstance(target, _MAC_LAYERS)):
-                    if not exact:
-                        raise UnsupportedModelError(
-                            f"layer {name!r} ({type(target).__name__}) produces the channels of the group rooted "
-                            f"at {root!r} only in part or permuted ({width} channels, group of {n_ch}); a layer's "
-                            f"output must be exactly one group; {_ALLOWED}")
-                    (dw if _is_depthwise(target) else producers).append(name)
-                elif axis == "out" and isinstance(target, _BN):
-                    (bns if exact else shared).append(name)
-                elif axis == "in" and isinstance(target, _MAC_LAYERS):
-                    consumers.append(name)
-            if not producers:
-                continue
-            producers.sort(key=order.get)
-            kind = "internal" if len(producers) == 1 else "residual"
-            groups.append(ChannelGroup(-1, root, kind, n_ch, producers, sorted(set(consumers), key=order.get),
-                                       sorted(set(bns), key=order.get), sorted(set(dw), key=order.get),
-                                       sorted(set(shared), key=order.get)))
-            deps.append(group_deps)
+            group, group_deps = self._read_group(g, param_names, order)
+            if group is not None:
+                groups.append(group)
+                deps.append(group_deps)
         # forward order: by the first producer's position in the module tree
         idx = sorted(range(len(groups)), key=lambda i: order[groups[i].producers[0]])
         if internal_only:
@@ -231,6 +199,47 @@ class GroupGraph:
         self.groups = groups
         self._deps = deps
         self._build_cost_tables()
+
+    def _read_group(self, g, param_names: dict, order: dict[str, int]) -> tuple[ChannelGroup | None, list[_Dep]]:
+        """One Torch-Pruning group -> the ChannelGroup (None if it has no producer conv / linear) and its deps."""
+        root_mod = g[0].dep.target.module
+        root = self.names[root_mod]
+        n_ch = int(root_mod.out_channels if isinstance(root_mod, nn.Conv2d) else root_mod.out_features)
+        roles: dict[str, list[str]] = {"producers": [], "consumers": [], "bns": [], "depthwise": [], "shared": []}
+        deps: list[_Dep] = []
+        for item in g:
+            dep, idxs = item
+            target = dep.target.module
+            if isinstance(target, nn.Parameter) and target in param_names:
+                name, is_param = param_names[target], True
+            elif isinstance(target, nn.Module) and target in self.names:
+                name, is_param = self.names[target], False
+            else:
+                continue  # functional nodes (adds, concatenations, reshapes) carry no weights
+            axis = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
+            pos = _positions(root, name, axis, idxs, item.root_idxs, n_ch)
+            deps.append(_Dep(name, is_param, dep.handler, dep.target.pruning_dim, axis, pos))
+            if is_param:
+                continue
+            # exact: the layer's channels along the axis are this group's, in order (not a concatenation)
+            exact = pos.shape[1] == 1 and np.array_equal(pos[:, 0], np.arange(n_ch))
+            if _is_depthwise(target) or (axis == "out" and isinstance(target, _MAC_LAYERS)):
+                if not (exact and _width(target, axis) == n_ch):
+                    raise UnsupportedModelError(
+                        f"layer {name!r} ({type(target).__name__}) produces the channels of the group rooted at "
+                        f"{root!r} only in part or permuted ({_width(target, axis)} channels for a group of "
+                        f"{n_ch}: a split, slice or shuffle of channels between them); a layer's output must be "
+                        f"exactly one group; {_ALLOWED}")
+                roles["depthwise" if _is_depthwise(target) else "producers"].append(name)
+            elif axis == "out" and isinstance(target, _BN):
+                roles["bns" if exact and _width(target, axis) == n_ch else "shared"].append(name)
+            elif axis == "in" and isinstance(target, _MAC_LAYERS):
+                roles["consumers"].append(name)
+        if not roles["producers"]:
+            return None, deps
+        roles = {k: sorted(set(v), key=order.get) for k, v in roles.items()}
+        kind = "internal" if len(roles["producers"]) == 1 else "residual"
+        return ChannelGroup(-1, root, kind, n_ch, **roles), deps
 
     # ---------------------------------------------------------------- model checks
     @staticmethod
@@ -249,8 +258,8 @@ class GroupGraph:
     def _check_forward(self, model: nn.Module, x: torch.Tensor) -> list[str]:
         """Checks that need a forward pass; returns the parameterized modules in the order the eval pass ran them.
 
-        * every multiply-accumulate is in a Conv2d / Linear layer (the closed-form cost model counts only those);
         * no reshape regroups channels (a channel shuffle): coupled groups cannot follow channels through it;
+        * every multiply-accumulate is in a Conv2d / Linear layer (the closed-form cost model counts only those);
         * no layer runs only in training mode: the env recalibrates BN statistics with a training-mode forward,
           and a layer the (eval-mode) trace never saw would keep its unpruned input width.
         """
@@ -264,38 +273,43 @@ class GroupGraph:
         if watch.found:
             layer, before, after = watch.found[0]
             raise UnsupportedModelError(
-                f"layer {layer!r} ({type(model.get_submodule(layer)).__name__}) reshapes its channels {before} -> "
-                f"{after} (a channel shuffle); coupled channel groups cannot follow channels through a regrouping, "
-                f"so it is not supported; {_ALLOWED}")
+                f"{_layer(model, layer)} reshapes its channels {before} -> {after} (a channel shuffle); coupled "
+                f"channel groups cannot follow channels through a regrouping, so it is not supported; {_ALLOWED}")
         for name, macs in _own_macs(model, x).items():
-            m = model.get_submodule(name)
-            if macs and not isinstance(m, _MAC_LAYERS):
+            if macs and not isinstance(model.get_submodule(name), _MAC_LAYERS):
                 raise UnsupportedModelError(
-                    f"layer {name or '<model>'!r} ({type(m).__name__}) computes {macs} multiply-accumulates outside "
-                    f"Conv2d/Linear layers (a functional matmul, linear or convolution, e.g. attention); the "
-                    f"closed-form cost model covers nn.Conv2d and nn.Linear layers only")
-        eval_ran = list(tracker.ran)
-        train = _ModuleTracker(model)
+                    f"{_layer(model, name)} computes {macs} multiply-accumulates outside Conv2d/Linear layers (a "
+                    f"functional matmul, linear or convolution, e.g. attention); the closed-form cost model "
+                    f"covers nn.Conv2d and nn.Linear layers only")
+        only_train = [n for n in self._training_forward(model, x) if n not in set(tracker.ran)]
+        if only_train:
+            raise UnsupportedModelError(
+                f"{_layer(model, only_train[0])} runs only in training mode (an auxiliary head?); the eval-mode "
+                f"trace never sees its inputs, so their channels cannot be pruned with the rest; build the model "
+                f"without it (torchvision: aux_logits=False)")
+        return tracker.ran
+
+    @staticmethod
+    def _training_forward(model: nn.Module, x: torch.Tensor) -> list[str]:
+        """Parameterized modules a training-mode forward runs; the model's buffers and the RNG are left as
+        found."""
+        tracker = _ModuleTracker(model)
         buffers = [b.clone() for b in model.buffers()]
         try:
             with torch.random.fork_rng(devices=[]):  # dropout draws must not move the caller's random stream
                 model.train()
-                model(torch.cat([x, x]))
+                model(torch.cat([x, x]))  # two examples: BN needs more than one value per channel
         except Exception as exc:  # noqa: BLE001 - the env's BN recalibration would fail the same way
-            raise UnsupportedModelError(f"the model's training-mode forward (used to recalibrate BatchNorm "
-                                        f"statistics) fails: {type(exc).__name__}: {exc}") from exc
+            layer = tracker.stack[-1] if tracker.stack else ""
+            raise UnsupportedModelError(f"{_layer(model, layer)} fails in the model's training-mode forward (used "
+                                        f"to recalibrate BatchNorm statistics): {type(exc).__name__}: {exc}"
+                                        ) from exc
         finally:
-            train.close()
+            tracker.close()
             model.eval()
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
-        only_train = [n for n in train.ran if n not in set(eval_ran)]
-        if only_train:
-            raise UnsupportedModelError(
-                f"layer {only_train[0]!r} ({type(model.get_submodule(only_train[0])).__name__}) runs only in "
-                f"training mode (an auxiliary head?); the eval-mode trace never sees its inputs, so their channels "
-                f"cannot be pruned with the rest; build the model without it (torchvision: aux_logits=False)")
-        return eval_ran
+        return tracker.ran
 
     # ---------------------------------------------------------------- cost tables
     def _build_cost_tables(self) -> None:
@@ -319,7 +333,7 @@ class GroupGraph:
                 carried.setdefault((d.target, d.axis), {})[gi] = d.positions.shape[1]
         # which tensor dimensions each handler prunes: apply it to a meta-device clone and compare shapes
         dims: dict[str, list[tuple[str, int, int]]] = {}  # tensor name -> [(axis, dim, full size)]
-        for target, by_axis in handlers.items():
+        for by_axis in handlers.values():
             for axis, d in by_axis.items():
                 for tname, before, after in _probe(d, mods, params):
                     for k, (b, a) in enumerate(zip(before, after)):
@@ -355,13 +369,16 @@ class GroupGraph:
         param_terms = []
         for mname, m in self.model.named_modules():
             for pname, p in m.named_parameters(recurse=False):
-                tname = f"{mname}.{pname}" if mname else pname
+                tname = _tensor_name(mname, pname)
                 owner = tname if tname in handlers else mname
                 param_terms.append(term(tname, owner, p.numel()))
         mac_terms = []
         for name, macs in self.base_macs_per_module.items():
-            w = mods[name].weight
-            unit, r0, r1 = term(f"{name}.weight", name, w.numel())
+            w = getattr(mods.get(name), "weight", None)
+            if not isinstance(mods.get(name), _MAC_LAYERS) or macs % w.numel():
+                raise UnsupportedModelError(f"layer {name!r} computes {macs} MACs that the closed-form cost model "
+                                            "cannot express (it covers nn.Conv2d and nn.Linear layers)")
+            unit, r0, r1 = term(_tensor_name(name, "weight"), name, w.numel())
             mac_terms.append((unit * (macs // w.numel()), r0, r1))
         self._axis_const = np.asarray(const, dtype=np.int64)
         self._axis_coef = np.stack(coef)  # (axes, groups)
@@ -375,8 +392,8 @@ class GroupGraph:
         if self.base_macs != sum(self.base_macs_per_module.values()) or self.base_params != sum(params[n].numel()
                                                                                                  for n in params):
             raise UnsupportedModelError(
-                f"the closed-form cost model does not reproduce the model's MACs / parameters ({self.base_macs} vs "
-                f"{sum(self.base_macs_per_module.values())}, {self.base_params} vs "
+                f"the closed-form cost model does not reproduce the model's MACs / parameters ({self.base_macs} "
+                f"vs {sum(self.base_macs_per_module.values())}, {self.base_params} vs "
                 f"{sum(p.numel() for p in params.values())}); {_ALLOWED}")
 
     def _sole_group(self, target: str, axis: str) -> int | None:
@@ -396,6 +413,11 @@ class GroupGraph:
         concatenation of several groups). A linear layer after a flatten reads each channel several times."""
         return self._in_group.get(module_name)
 
+    def input_groups(self, module_name: str) -> list[int]:
+        """Indices of every group whose channels ``module_name`` reads (several for a concatenation)."""
+        r = self._axis_rows.get((module_name, "in"))
+        return [] if r is None else [int(i) for i in np.flatnonzero(self._axis_coef[r])]
+
     def is_exact_reader(self, module_name: str, group: int) -> bool:
         """True if ``module_name``'s input channels are exactly group ``group``'s channels, in order."""
         r = self._axis_rows.get((module_name, "in"))
@@ -410,9 +432,11 @@ class GroupGraph:
             return float(_width(m, axis))
         return float(self._axis_const[r] + self._axis_coef[r] @ np.asarray(kept, dtype=np.float64))
 
-    def kept_positions(self, module_name: str, keep: Sequence[np.ndarray | Sequence[int]], axis: str = "in") -> np.ndarray:
-        """Sorted indices, in the base model's coordinates, of ``module_name``'s channels along ``axis`` that survive
-        pruning with keep sets ``keep`` (e.g. the columns of a base weight matrix that the pruned layer keeps)."""
+    def kept_positions(
+        self, module_name: str, keep: Sequence[np.ndarray | Sequence[int]], axis: str = "in"
+    ) -> np.ndarray:
+        """Sorted indices, in the base model's coordinates, of ``module_name``'s channels along ``axis`` that
+        survive pruning with keep sets ``keep`` (e.g. the base weight columns the pruned layer keeps)."""
         full = _width(self.model.get_submodule(module_name), axis)
         alive = np.ones(full, dtype=bool)
         for gi, group_deps in enumerate(self._deps):
@@ -460,7 +484,8 @@ class GroupGraph:
             if not drop.any():
                 continue
             for d in group_deps:
-                ops.setdefault((d.target, d.is_param, d.handler, d.pruning_dim), []).append(d.positions[drop].ravel())
+                key = (d.target, d.is_param, d.handler, d.pruning_dim)
+                ops.setdefault(key, []).append(d.positions[drop].ravel())
         return {key: np.unique(np.concatenate(parts)) for key, parts in ops.items()}
 
     def prune_copy(self, keep: Sequence[np.ndarray | Sequence[int]], model: nn.Module | None = None) -> nn.Module:
@@ -469,7 +494,7 @@ class GroupGraph:
         pruned = copy.deepcopy(src)
         for (target, is_param, handler, pruning_dim), idxs in self._drop_ops(keep).items():
             # what Torch-Pruning's Dependency.__call__ does, on the copy's module / parameter
-            handler.__self__.pruning_dim = pruning_dim
+            _set_pruning_dim(handler, pruning_dim)
             if is_param:
                 parent, _, attr = target.rpartition(".")
                 owner = pruned.get_submodule(parent) if parent else pruned
@@ -507,7 +532,7 @@ class GroupGraph:
                 full = torch.ones(_width(mod, "out"), device=m.device, dtype=m.dtype)
                 pos = torch.as_tensor(d.positions, device=m.device)
                 full[pos.flatten()] = m.repeat_interleave(d.positions.shape[1])
-                dim = _channel_dim(mod)
+                dim = channel_dim(mod)
 
                 def hook(_mod, _inp, out, full=full, dim=dim):
                     shape = [1] * out.ndim
@@ -531,8 +556,8 @@ def _positions(root: str, target: str, axis: str, idxs, root_idxs, n_ch: int) ->
         raise UnsupportedModelError(
             f"layer {target!r} reads the channels of the group rooted at {root!r} only in part ({counts.min()} to "
             f"{counts.max()} of its {axis} channels per group channel): a split or slice on the channel dimension "
-            f"(torch.split / chunk / narrow / indexing) makes its width depend on which channels are kept, not how "
-            f"many; not supported; {_ALLOWED}")
+            f"(torch.split / chunk / narrow / indexing) makes its width depend on which channels are kept, not "
+            f"how many; not supported; {_ALLOWED}")
     return pos[np.lexsort((pos, roots))].reshape(n_ch, int(counts[0]))
 
 
@@ -553,7 +578,7 @@ def _width(m: nn.Module, axis: str) -> int:
 
 def _probe(d: _Dep, mods: dict[str, nn.Module], params: dict[str, nn.Parameter]):
     """Apply ``d``'s handler to a meta clone, removing one channel; yield (tensor name, shape before, after)."""
-    d.handler.__self__.pruning_dim = d.pruning_dim
+    _set_pruning_dim(d.handler, d.pruning_dim)
     if d.is_param:
         p = params[d.target]
         after = d.handler(nn.Parameter(torch.empty(p.shape, device="meta")), [0])
@@ -563,7 +588,24 @@ def _probe(d: _Dep, mods: dict[str, nn.Module], params: dict[str, nn.Parameter])
     clone = _meta_clone(m)
     d.handler(clone, [0])
     for pname, p in m.named_parameters(recurse=False):
-        yield f"{d.target}.{pname}", tuple(p.shape), tuple(getattr(clone, pname).shape)
+        yield _tensor_name(d.target, pname), tuple(p.shape), tuple(getattr(clone, pname).shape)
+
+
+def _layer(model: nn.Module, name: str) -> str:
+    """How messages name a layer: its module name and type (the model's own forward has the empty name)."""
+    if not name:
+        return f"the model's own forward ({type(model).__name__})"
+    return f"layer {name!r} ({type(model.get_submodule(name)).__name__})"
+
+
+def _set_pruning_dim(handler: Callable, pruning_dim: int | None) -> None:
+    """Torch-Pruning's handlers are methods of pruner objects that read the dimension to prune from the pruner."""
+    if hasattr(handler, "__self__"):
+        handler.__self__.pruning_dim = pruning_dim
+
+
+def _tensor_name(module_name: str, pname: str) -> str:
+    return f"{module_name}.{pname}" if module_name else pname
 
 
 @torch.no_grad()
@@ -571,15 +613,20 @@ def _own_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """MACs per module name computed by the module itself, not by its children (FlopCounterMode's hierarchy)."""
     with FlopCounterMode(display=False) as fc:
         model(x)
-    counts = {k: int(sum(v.values())) // 2 for k, v in fc.get_flop_counts().items() if k != "Global"}
     root = type(model).__name__
-    own = {}
-    for key, total in counts.items():
-        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
-        if name is None:
+    counts = {}  # module name -> MACs of the module and everything it calls
+    for key, ops in fc.get_flop_counts().items():
+        if key == root or key.startswith(root + "."):
+            counts[key[len(root) + 1:]] = int(sum(ops.values())) // 2
+    own = dict(counts)
+    for name, macs in counts.items():
+        if not name:
             continue
-        children = sum(v for k, v in counts.items() if k.startswith(key + ".") and "." not in k[len(key) + 1:])
-        own[name] = total - children
+        parent = name.rpartition(".")[0]
+        while parent and parent not in counts:  # containers that are never called (ModuleList) have no entry
+            parent = parent.rpartition(".")[0]
+        if parent in own:
+            own[parent] -= macs
     return own
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
-from .groups import GroupGraph
+from .groups import GroupGraph, channel_dim
 from .paths import atomic_save
 
 SCORERS = ("learned", "l1", "bn", "taylor")
@@ -134,8 +134,11 @@ def taylor_and_activation(ctx: ImportanceContext, batch_size: int = 128) -> tupl
             loss.backward()
             for n in names:
                 a = acts[n]
-                taylor[n] += (a * a.grad).flatten(2).sum(2).abs().sum(0).detach()
-                act[n] += a.detach().clamp_min(0).flatten(2).mean(2).sum(0)
+                cd = channel_dim(mods[n])  # (N, C, ...) for convs / BN, (N, ..., C) for linear layers
+                ta = (a * a.grad).movedim(cd, 1)
+                aa = a.detach().movedim(cd, 1)
+                taylor[n] += ta.reshape(*ta.shape[:2], -1).sum(2).abs().sum(0).detach()
+                act[n] += aa.clamp_min(0).reshape(*aa.shape[:2], -1).mean(2).sum(0)
     finally:
         for h in hooks:
             h.remove()
@@ -281,20 +284,31 @@ def train_static_predictor(
 
 # ------------------------------------------------------------------------------------------- runtime predictor
 def gate_layout(graph: GroupGraph) -> list[tuple[int, str, str, str] | None]:
-    """Per group: (group index, producer conv, its BN, consumer conv) if the group can be gated at run time."""
+    """Per group: (group index, producer conv, its BN, consumer conv) if the group can be gated at run time.
+
+    Gated: a conv -> BN -> conv chain whose consumer reads exactly this group's channels and whose producer reads
+    the image or exactly one group (the gate's weights are sliced by that group's kept channels). Groups inside a
+    concatenation (DenseNet, Inception), squeeze-excitation convs without a BN, linear layers and depthwise
+    groups are left ungated (runtime ratio 1)."""
     mods = dict(graph.model.named_modules())
     out = []
     for g in graph.groups:
         ok = (g.kind == "internal" and len(g.producers) == 1 and len(g.consumers) == 1 and len(g.bns) == 1
-              and not g.depthwise and isinstance(mods[g.producers[0]], nn.Conv2d)
-              and isinstance(mods[g.consumers[0]], nn.Conv2d) and mods[g.consumers[0]].groups == 1)
+              and not g.depthwise and not g.shared and isinstance(mods[g.producers[0]], nn.Conv2d)
+              and isinstance(mods[g.consumers[0]], nn.Conv2d) and mods[g.consumers[0]].groups == 1
+              and graph.is_exact_reader(g.consumers[0], g.index))
+        if ok:
+            reads = graph.input_groups(g.producers[0])
+            ok = not reads or (len(reads) == 1 and graph.is_exact_reader(g.producers[0], reads[0]))
         out.append((g.index, g.producers[0], g.bns[0], g.consumers[0]) if ok else None)
     return out
 
 
 @torch.no_grad()
 def _collect_gate_data(model: nn.Module, graph: GroupGraph, x: torch.Tensor, batch_size: int = 256):
-    """Per gated group: GAP of the producer's input (N, C_in) and post-ReLU output saliency (N, C_out)."""
+    """Per gated group: GAP of the producer's input (N, C_in) and post-ReLU output saliency (N, C_out), on the CPU
+    (the forward passes run wherever ``model`` is)."""
+    dev = next(model.parameters()).device
     layout = gate_layout(graph)
     mods = dict(model.named_modules())
     ins: dict[int, list] = {i: [] for i, v in enumerate(layout) if v}
@@ -304,13 +318,15 @@ def _collect_gate_data(model: nn.Module, graph: GroupGraph, x: torch.Tensor, bat
         if not v:
             continue
         _, prod, bn, _ = v
-        hooks.append(mods[prod].register_forward_pre_hook(lambda m, inp, i=i: ins[i].append(inp[0].mean((2, 3)))))
-        hooks.append(mods[bn].register_forward_hook(lambda m, inp, out, i=i: outs[i].append(out.clamp_min(0).mean((2, 3)))))
+        hooks.append(mods[prod].register_forward_pre_hook(
+            lambda m, inp, i=i: ins[i].append(inp[0].mean((2, 3)).float().cpu())))
+        hooks.append(mods[bn].register_forward_hook(
+            lambda m, inp, out, i=i: outs[i].append(out.clamp_min(0).mean((2, 3)).float().cpu())))
     was = model.training
     model.eval()
     try:
         for j in range(0, len(x), batch_size):
-            model(x[j : j + batch_size])
+            model(x[j : j + batch_size].to(dev))
     finally:
         for h in hooks:
             h.remove()

@@ -1,10 +1,12 @@
-"""Latency look-up table: per-layer CPU latency as a function of kept input / output channels.
+"""Latency look-up table: per-layer latency (on the env's device) as a function of kept input / output channels.
 
-As in NetAdapt / AMC's latency variant, each conv / linear layer is timed alone (median of repeats) on a grid of
+As in NetAdapt / AMC's latency variant, each conv / linear layer is timed alone (``measure_latency``) on a grid of
 kept-channel fractions {1/4, 1/2, 3/4, 1} x {1/4, 1/2, 3/4, 1} at its real input size; a configuration's latency is
 the sum of bilinear interpolations plus the time of everything else (the full net's measured latency minus its
 layers'). Grid values are made monotone so that keeping more channels never predicts less time, which lets the
-action wall search on it. The ``latency`` target budgets this prediction; ``envs.cost.measure_latency`` measures.
+action wall search on it. The ``latency`` target budgets this prediction; ``envs.cost.measure_latency`` measures
+(``torch.utils.benchmark.Timer``), on ``device``: the CPU by default, the env passes its own device, so on a GPU
+the table predicts GPU latency.
 """
 
 from __future__ import annotations
@@ -14,13 +16,20 @@ import torch
 from torch import nn
 
 from .cost import measure_latency
+from .machine import backend, resolve_device
 
 GRID = np.array([0.25, 0.5, 0.75, 1.0])
 
 
 class LatencyTable:
-    def __init__(self, graph, batch_size: int = 1, repeats: int = 5, threads: int | None = None):
+    """Per-layer latency tables of ``graph``'s network at ``batch_size``, measured on ``device`` ("cpu" by default;
+    "auto", "cuda", "cuda:N" as in ``envs.machine.resolve_device``); ``machine`` names what was timed."""
+
+    def __init__(self, graph, batch_size: int = 1, repeats: int = 5, threads: int | None = None,
+                 device: str | torch.device = "cpu"):
         self.graph = graph
+        self.device = resolve_device(device)
+        self.machine = backend(self.device).machine
         model = graph.model
         mods = dict(model.named_modules())
         shapes: dict[str, tuple] = {}
@@ -30,6 +39,8 @@ class LatencyTable:
             model(graph.example_input)
         for h in hooks:
             h.remove()
+        # measure_latency times on the CPU by default; the device is named only when it is another one
+        on = {} if self.device.type == "cpu" else {"device": self.device}
         self.terms = []  # (table (4,4) seconds, out_group, in_group, depthwise)
         layer_total = 0.0
         for name, shape in shapes.items():
@@ -43,12 +54,13 @@ class LatencyTable:
                         continue
                     layer, in_shape = _shrunk(m, shape, fo if og is not None else 1.0,
                                               fi if (ig is not None or dw) else 1.0, dw)
-                    table[a, b] = measure_latency(layer, in_shape, batch_size, threads, repeats, warmup=1)
+                    table[a, b] = measure_latency(layer, in_shape, batch_size, threads, repeats, warmup=1, **on)
             table = _fill(table, og is None, ig is None or dw)
             table = np.maximum.accumulate(np.maximum.accumulate(table, 0), 1)  # monotone in both fractions
             self.terms.append((table, og, None if dw else ig, dw))
             layer_total += table[-1, -1]
-        full = measure_latency(model, tuple(graph.example_input.shape[1:]), batch_size, threads, repeats, warmup=1)
+        full = measure_latency(model, tuple(graph.example_input.shape[1:]), batch_size, threads, repeats,
+                               warmup=1, **on)
         self.other = max(0.0, full - layer_total)
         self.full_measured = full
 

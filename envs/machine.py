@@ -45,7 +45,7 @@ from torch import nn
 
 from .paths import cache_dir
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 PROBE_TIMEOUT_S = 90.0  # a hang (seen: 2 threads spinning for 10 minutes) counts as a failure
 FORMATS = ("channels_last", "contiguous")
 _ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_DEFAULT_FPMATH_MODE")
@@ -150,27 +150,27 @@ def _timing_net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
 
-def _time_candidates(candidates: list[str], training: bool) -> dict[str, float]:
-    """Seconds per batch of 64 (28x28) for each candidate "format/precision", best of 5 after warm-up."""
+def _time_candidates(candidates: list[str], training: bool, rounds: int = 6) -> dict[str, float]:
+    """Seconds per batch of 64 (28x28) for each candidate "format/precision": the candidates are timed in turn,
+    round after round, and each keeps its best round, so another process's load spreads over all of them."""
     torch.manual_seed(0)
-    out = {}
+    setups = {}
     for cand in candidates:
         fmt, prec = cand.split("/")
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-        net = _timing_net().to(memory_format=mf).train(training)
-        x = torch.randn(64, 1, 28, 28).contiguous(memory_format=mf)
-        best = float("inf")
-        for i in range(7):
+        setups[cand] = (_timing_net().to(memory_format=mf).train(training),
+                        torch.randn(64, 1, 28, 28).contiguous(memory_format=mf), prec == "bf16")
+    best = dict.fromkeys(candidates, float("inf"))
+    for r in range(rounds + 1):  # round 0 warms up
+        for cand, (net, x, bf16) in setups.items():
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"), \
-                    torch.set_grad_enabled(training):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(training):
                 y = net(x).float().sum()
             if training:
                 y.backward()
-            if i >= 2:
-                best = min(best, time.perf_counter() - t0)
-        out[cand] = best
-    return out
+            if r:
+                best[cand] = min(best[cand], time.perf_counter() - t0)
+    return best
 
 
 def _run_check(name: str, arg: str = "") -> tuple[bool, str]:

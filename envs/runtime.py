@@ -39,7 +39,8 @@ def _topk(spec: GateSpec, x: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_pooled(spec: GateSpec, pooled: torch.Tensor) -> torch.Tensor:
-    sal = F.linear(pooled, spec.weight, spec.bias)
+    # the gate's weights follow the activations: the gated copy may have been moved to another device
+    sal = F.linear(pooled, spec.weight.to(pooled.device, pooled.dtype), spec.bias.to(pooled.device, pooled.dtype))
     return sal.topk(spec.k, dim=1).indices.sort(dim=1).values
 
 
@@ -114,7 +115,7 @@ def install_gates(model: nn.Module, specs: list[GateSpec], sparse: bool = False)
             state.idx = _topk(spec, inp[0])
 
         def post(_m, _inp, out, state=state):
-            mask = torch.zeros(out.shape[0], out.shape[1], dtype=out.dtype)
+            mask = torch.zeros(out.shape[0], out.shape[1], dtype=out.dtype, device=out.device)
             mask.scatter_(1, state.idx, 1.0)
             return out * mask[:, :, None, None]
 

@@ -12,7 +12,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from torch import nn
 
 from baselines import make_baseline
-from baselines.base import cost_of_ratios
+from baselines.base import cost_of_ratios, on_device
 from baselines.neuron_merging import merge_compensation, merge_pairs
 from baselines.pfp import _relative_contributions, find_eps, pfp_sensitivities
 from baselines.scop import GaussianKnockoffs, gamma_magnitudes, learn_betas, scop_scores
@@ -298,3 +298,51 @@ def test_scop_betas_deterministic_for_a_seed(make_env):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     assert all(torch.equal(v, env.base_model.state_dict()[k]) for k, v in before.items())  # base untouched
+
+
+# ============================================================================================ devices
+def test_on_device_copies_only_when_the_model_is_elsewhere():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    assert on_device(net, "cpu") is net and on_device(net, torch.device("cpu")) is net
+    moved = on_device(net, "meta")  # a device the model is not on: a copy goes there, the model stays
+    assert moved is not net and next(moved.parameters()).device.type == "meta"
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    relu = nn.ReLU()
+    assert on_device(relu, "meta") is relu  # no parameters: nothing to move
+
+
+def test_baselines_run_on_the_env_device_and_return_cpu_results(make_env):
+    env = make_env(scorer="l1", device="cpu")
+    b = make_baseline("pfp", env, images=16).setup()
+    assert b.eval_env.device == env.device == torch.device("cpu")  # derived envs inherit the device
+    assert b.wall_seconds > 0 and b.cpu_seconds > 0
+    sens = pfp_sensitivities(env.base_model, env.graph, env.data.calib.x[:16], device=torch.device("cpu"))
+    ref = pfp_sensitivities(env.base_model, env.graph, env.data.calib.x[:16])
+    assert all(isinstance(s, np.ndarray) and np.array_equal(s, r) for s, r in zip(sens, ref))
+    betas = learn_betas(env.base_model, env.graph, env.data.train, GaussianKnockoffs(env.data.calib.x), steps=2,
+                        progress=False, device="cpu")
+    assert all(b.device.type == "cpu" and not b.requires_grad for b in betas)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error_in_the_baselines(make_env):
+    env = make_env(scorer="l1")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        pfp_sensitivities(env.base_model, env.graph, env.data.calib.x[:4], device="cuda")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        learn_betas(env.base_model, env.graph, env.data.train, GaussianKnockoffs(env.data.calib.x), steps=1,
+                    progress=False, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pfp_and_scop_on_cuda_agree_with_the_cpu(make_env):
+    env = make_env(scorer="l1")
+    x = env.data.calib.x[:16]
+    cpu = pfp_sensitivities(env.base_model, env.graph, x, device="cpu")
+    gpu = pfp_sensitivities(env.base_model, env.graph, x, device="cuda")
+    for a, b in zip(cpu, gpu):  # cuDNN may use TF32 convolutions: close, not equal
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
+    kn = GaussianKnockoffs(env.data.calib.x)
+    betas = learn_betas(env.base_model, env.graph, env.data.train, kn, steps=4, progress=False, device="cuda")
+    assert all(b.device.type == "cpu" and torch.all((b > 0) & (b < 1)) for b in betas)
+    assert all(p.device.type == "cpu" for p in env.base_model.parameters())  # the base model never moved

@@ -211,3 +211,28 @@ def test_default_step_budget_on_full_resnet18(tiny_setup, name):
     info = _episode(b)
     assert time.perf_counter() - t0 < 600
     assert info["flops_ratio"] <= env.budget + 1e-9
+
+
+# ------------------------------------------------------------------------------------------ devices
+def test_channel_gating_calibration_returns_cpu_tables_and_leaves_the_base_model(make_env):
+    env = make_env(mode="runtime", device="cpu")
+    before = {k: v.clone() for k, v in env.base_model.state_dict().items()}
+    hooks_before = sum(len(m._forward_hooks) for m in env.base_model.modules())
+    cal = calibrate_gates(env)
+    for n in cal.layers:
+        for t in (cal.base_idx[n], cal.mean[n], cal.std[n], cal.open_at[n]):
+            assert t.device.type == "cpu"
+        assert cal.mean[n].dtype == cal.std[n].dtype == cal.open_at[n].dtype == torch.float32
+    assert sum(len(m._forward_hooks) for m in env.base_model.modules()) == hooks_before
+    assert all(torch.equal(v, env.base_model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_channel_gating_calibration_on_cuda_agrees_with_the_cpu(make_env):
+    cpu = calibrate_gates(make_env(mode="runtime", device="cpu"))
+    gpu = calibrate_gates(make_env(mode="runtime", device="cuda"))
+    assert cpu.layers == gpu.layers
+    for n in cpu.layers:  # cuDNN may use TF32 convolutions: close, not equal
+        torch.testing.assert_close(gpu.mean[n], cpu.mean[n], rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(gpu.std[n], cpu.std[n], rtol=2e-2, atol=2e-3)
+        assert (gpu.open_at[n] - cpu.open_at[n]).abs().max() < 0.02

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from envs.cost import count_flops, count_macs, count_macs_per_module, count_params, measure_latency
+from envs.cost import (
+    compare_latency, count_flops, count_macs, count_macs_per_module, count_params, measure_latency,
+)
 from envs.models import build_model
 
 # Conv(1->4, 3x3, pad 1) on 8x8: 4*8*8 outputs x (1*3*3) MACs; Conv(4->8, 3x3, stride 2, pad 1): 8*4*4 outputs x
@@ -114,3 +116,63 @@ def test_measure_latency():
 def test_measure_latency_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         measure_latency(small_net(), (1, 8, 8), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- latency (Timer)
+def conv_net(width: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+    )
+
+
+def test_measure_latency_on_cpu_is_a_positive_float_and_leaves_the_model_alone():
+    net = conv_net(4).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    t = measure_latency(net, (1, 12, 12), batch_size=4, threads=1, repeats=3, warmup=1, device="cpu")
+    assert isinstance(t, float) and 0 < t < 1.0
+    assert net.training  # training mode restored
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BN statistics untouched
+    assert next(net.parameters()).device.type == "cpu"
+
+
+def test_compare_latency_ranks_a_4x_wider_net_slower():
+    narrow, wide = conv_net(8), conv_net(32)  # 4x the channels: ~16x the MACs of the inner convolutions
+    t_wide, t_narrow = compare_latency(wide, narrow, (1, 28, 28), batch_size=8, threads=1, rounds=3, repeats=3)
+    assert isinstance(t_wide, float) and isinstance(t_narrow, float)
+    assert t_wide > t_narrow > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"repeats": 0}, {"batch_size": 0}, {"threads": 0}])
+def test_compare_latency_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        compare_latency(small_net(), small_net(), (1, 8, 8), **kwargs)
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:x", 3])
+def test_latency_rejects_unknown_devices(device):
+    with pytest.raises(ValueError, match="device"):
+        measure_latency(small_net(), (1, 8, 8), repeats=1, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    from envs.latency import LatencyTable
+
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        measure_latency(small_net(), (1, 8, 8), repeats=1, device="cuda")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        compare_latency(small_net(), small_net(), (1, 8, 8), device="cuda:0")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        LatencyTable(None, device="cuda")  # the device is checked before the graph is read
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_latency_on_cuda_leaves_the_model_on_the_cpu():
+    net = conv_net(8)
+    t = measure_latency(net, (1, 28, 28), batch_size=8, repeats=3, device="cuda")
+    t_wide, t_narrow = compare_latency(conv_net(64), net, (1, 28, 28), batch_size=64, repeats=3, device="cuda")
+    assert t > 0 and t_wide > 0 and t_narrow > 0
+    assert next(net.parameters()).device.type == "cpu"

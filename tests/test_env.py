@@ -150,7 +150,7 @@ def test_every_registered_id_passes_checkers(tiny_setup, env_id):
 
 def test_resnet20_checkers_with_every_reward_and_penalty_mode(tiny_gym_kwargs):
     # (internal_only changes the groups, hence the learned predictor's cache key: the L1 scorer avoids a refit)
-    for kwargs in (dict(reward="acc_flops"), dict(reward="paper7"), dict(budget_mode="penalty"),
+    for kwargs in (dict(reward="acc_flops"), dict(reward="relative_ce"), dict(budget_mode="penalty"),
                    dict(target="params"), dict(internal_only=True, scorer="l1"),
                    dict(mode="runtime", storage_budget=0.6)):
         env, caught = run_checkers(lambda kw=kwargs: gym.make("ChannelPrune-ResNet20", **tiny_gym_kwargs, **kw),
@@ -228,7 +228,7 @@ def test_base_model_bit_identical_after_many_episodes(make_env):
                 p.mul_(1.001)
 
     for kwargs, episodes in ((dict(), 20), (dict(mode="runtime"), 20),
-                             (dict(compensate=None, mode="runtime", reward="paper7"), 8),
+                             (dict(compensate=None, mode="runtime", reward="relative_ce"), 8),
                              (dict(compensate=meddling_compensation), 8)):
         env = shrink_eval(make_env(**kwargs), reward=16, calib=16)
         snap = state_snapshot(env.base_model)
@@ -293,7 +293,7 @@ def _latency_episodes(env, monkeypatch, budget: float, episodes: int = 30) -> fl
 def test_wall_never_exceeds_latency_budget(make_env, monkeypatch, budget, round_to):
     # The wall is tested on a deterministic look-up table: every timing is replaced by a fixed overhead plus a time
     # per MAC, so the table (grid, interpolation, monotone fill) is exercised without timing noise.
-    def fake_latency(model, input_shape, batch_size=1, threads=None, repeats=20, warmup=3):
+    def fake_latency(model, input_shape, batch_size=1, threads=None, repeats=20, warmup=3, device="cpu"):
         return 2e-5 + 1e-9 * batch_size * count_macs(model, torch.zeros(1, *input_shape))
 
     monkeypatch.setattr(envs.latency, "measure_latency", fake_latency)
@@ -363,6 +363,17 @@ def test_out_of_range_actions_are_clipped(make_env, monkeypatch):
     assert_same_trajectory(run_episode(env, actions=raw), run_episode(env, actions=clipped))
 
 
+
+def test_step_info_names_action_request_and_applied_ratio(make_env, monkeypatch):
+    env = make_env(budget=0.3)
+    skip_evaluation(monkeypatch, env)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.array([3.0], dtype=np.float32))  # clipped to 1: keep everything, if allowed
+    assert info["action"] == [1.0]
+    assert info["requested_keep_ratio"] == 1.0
+    assert info["keep_ratio"] == pytest.approx(1.0 - info["clamped"], abs=1.0 / env.groups[0].num_channels)
+    assert make_env(reward="paper7").reward_kind == "relative_ce"  # the old name stays an alias
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(budget=0), r"budget=0 .*\(0, 1\]"),
     (dict(budget=1.5), r"budget=1\.5 .*\(0, 1\]"),
@@ -370,7 +381,7 @@ def test_out_of_range_actions_are_clipped(make_env, monkeypatch):
     (dict(budget=0.01, min_keep=0.5), r"unreachable.*min_keep=0\.5"),
     (dict(target="energy"), r"target='energy'.*flops, params, latency"),
     (dict(mode="dynamic"), r"mode='dynamic'.*static, runtime"),
-    (dict(reward="top5"), r"reward='top5'.*acc, acc_flops, paper7"),
+    (dict(reward="top5"), r"reward='top5'.*acc, acc_flops, relative_ce"),
     (dict(scorer="random"), r"scorer='random'.*learned, l1, bn, taylor"),
     (dict(budget_mode="soft"), r"budget_mode='soft'.*wall, penalty"),
     (dict(round_to=0), r"round_to=0 .*>= 1"),

@@ -71,6 +71,13 @@ def test_export_roundtrip_matches_env(make_env, tiny_setup, tmp_path):
         lat = report["latency"][b]
         assert lat["exported_s"] > 0 and lat["base_s"] > 0
         assert lat["speedup"] == pytest.approx(lat["base_s"] / lat["exported_s"])
+    # every timing names its machine: the env's device, and the CPU (and threads) that timed the latency
+    from envs.machine import backend
+
+    assert report["device"] == "cpu" and report["machine"] == backend("cpu").machine
+    assert report["latency"]["device"] == "cpu" and report["latency"]["machine"] == backend("cpu").machine
+    assert report["latency"]["threads"] == torch.get_num_threads()
+    assert "latency_device" not in report  # a second latency block only for a GPU
 
     # config.json is plain JSON (no pickle) that records every conv / bn / linear's channels; weights are tensors
     raw = (out / CONFIG_FILE).read_bytes()
@@ -144,6 +151,21 @@ def test_cli_policy_builds_env_from_id(tiny_setup, tmp_path, capsys):
     report = json.loads((out / REPORT_FILE).read_text())
     assert summary["reward_accuracy"] == report["reward_accuracy"] == report["env_accuracy"]
     assert report["source"]["env_kwargs"]["checkpoint"] == ckpt
+    assert report["source"]["env_kwargs"]["device"] == "auto"  # --device's default
+
+
+def test_cli_device_errors(tiny_setup, tmp_path, capsys):
+    ckpt, _ = tiny_setup
+    args = ["--baseline", "uniform", "--env", "ChannelPrune-ResNet20", "--out", str(tmp_path / "m"), "--no-test",
+            "--no-onnx", "--latency-repeats", "0", "--quiet"]
+    assert main(args + ["--device", "cpu", "--env-kwargs", "device=cuda"]) == 2
+    assert "differs" in capsys.readouterr().err
+    assert main(args + ["--device", "tpu"]) == 2
+    assert "device='tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(args + ["--device", "cuda", "--env-kwargs", f"checkpoint={ckpt}"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_export_baseline_plan(make_env, tmp_path):
