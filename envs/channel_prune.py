@@ -16,8 +16,8 @@ from .data import DatasetSplits, load_dataset
 from .groups import GroupGraph, keep_count
 from .importance import SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout, make_scorer
 from .inference import inference_context, resolve_precision
-from .machine import resolve_device
 from .latency import LatencyTable
+from .machine import resolve_device
 from .pretrain import Recipe, checkpoint_path, evaluate, get_pretrained
 from .runtime import GateSpec, install_gates
 
@@ -121,8 +121,8 @@ class ChannelPruneEnv(gym.Env):
     ``model`` (zoo name or ``nn.Module``), ``dataset`` ("fashion-mnist", "cifar10", "imagefolder"), ``data_dir``,
     ``checkpoint`` (a file; default: the cache, trained when missing unless ``train_if_missing=False``),
     ``width``, ``budget`` in (0, 1], ``target`` in {flops, params, latency}, ``mode`` in {static, runtime},
-    ``storage_budget`` (runtime mode: parameters kept), ``reward`` in {acc, acc_flops, relative_ce}, ``budget_mode`` in
-    {wall, penalty}, ``reward_size``, ``calib_size``, ``split_seed``, ``min_keep`` in (0, 1], ``round_to``,
+    ``storage_budget`` (runtime mode: parameters kept), ``reward`` in {acc, acc_flops, relative_ce},
+    ``budget_mode`` in {wall, penalty}, ``reward_size``, ``calib_size``, ``split_seed``, ``min_keep`` in (0, 1], ``round_to``,
     ``scorer`` ("learned", "l1", "bn", "taylor" or an object with ``scores(ctx)``), ``internal_only``,
     ``compensate`` (None, "merge" for neuron merging, or a callable), ``render_mode`` ("ansi", "rgb_array"),
     ``eval_batch_size``, ``eval_precision`` ("auto": bfloat16 autocast where the machine has fast bf16 kernels,
