@@ -16,6 +16,7 @@ import yaml
 import envs  # noqa: F401  (registers the ChannelPrune-* ids)
 from envs import ENV_IDS
 from envs.channel_prune import ChannelPruneEnv
+from envs.paths import atomic_write_text
 
 from .algos import ALGOS
 
@@ -128,9 +129,7 @@ def to_builtin(value: Any) -> Any:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write-then-rename, so a reader (or an interrupted run) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_builtin(data), indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(to_builtin(data), indent=1) + "\n")
 
 
 def write_yaml(path: Path, data: dict) -> None:

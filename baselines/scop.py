@@ -56,6 +56,7 @@ from envs.channel_prune import ChannelPruneEnv
 from envs.data import Split
 from envs.groups import GroupGraph
 from envs.machine import resolve_device
+from envs.paths import atomic_save
 
 from .base import Baseline, cost_of_ratios, fit_to_budget, on_device, register
 
@@ -248,9 +249,7 @@ class SCOPScorer:
         if path is None:
             _MEMORY_CACHE[mem_key] = betas
         else:
-            tmp = path.with_suffix(".tmp")
-            torch.save({"betas": betas}, tmp)
-            tmp.replace(path)
+            atomic_save({"betas": betas}, path)
         return betas
 
 

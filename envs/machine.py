@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .paths import cache_dir
+from .paths import atomic_write_text, cache_dir
 
 PROBE_VERSION = 2
 PROBE_TIMEOUT_S = 90.0  # a hang (seen: 2 threads spinning for 10 minutes) counts as a failure
@@ -253,10 +253,7 @@ def _cpu_probe_cached(key: str) -> dict:
             pass
     print(f"probing this CPU's safe and fast convolution paths (once; cached in {path}) ...", file=sys.stderr)
     res = probe_cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(res, indent=2))
     return res
 
 
