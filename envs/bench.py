@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401 - registers the ids
+from envs.channel_prune import run_actions
 from envs.machine import backend, resolve_device
 
 
@@ -51,12 +52,7 @@ def _uniform_actions(env) -> list[np.ndarray]:
     return [b.action_for_step(t) for t in range(env.n_groups)]
 
 
-def _episode(env, actions) -> dict:
-    env.reset(seed=0)
-    info = {}
-    for a in actions:
-        _, _, term, trunc, info = env.step(a)
-    return info
+_episode = run_actions
 
 
 def _sync(device) -> None:

@@ -715,3 +715,13 @@ class ChannelPruneEnv(gym.Env):
     def __setstate__(self, state):
         self.__init__(**state["kwargs"])
 
+
+def run_actions(env: gym.Env, actions: Sequence[Any], seed: int = 0) -> dict:
+    """Reset ``env`` with ``seed``, take ``actions`` in order until the episode ends; returns the last info."""
+    env.reset(seed=seed)
+    info: dict = {}
+    for a in actions:
+        _, _, term, trunc, info = env.step(a)
+        if term or trunc:
+            break
+    return info

@@ -21,6 +21,17 @@ torch.set_num_threads(1)
 os.environ.setdefault(MACHINE_CACHE_ENV, tempfile.mkdtemp(prefix="channelprune-machine-"))
 
 
+def masked_forward(graph, model, keep, x):
+    """``model(x)`` with every dropped channel zeroed by the graph's mask hooks (removed afterwards)."""
+    hooks = graph.mask_hooks(model, graph.masks(keep))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.fixture(autouse=True)
 def tmp_cache(tmp_path, monkeypatch):
     """Point ``$CHANNELPRUNE_CACHE`` at a fresh per-test directory so no test touches ``~/.cache/channelprune``."""

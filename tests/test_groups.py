@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import masked_forward
 from envs.cost import count_macs, count_params
 from envs.groups import GroupGraph, UnsupportedModelError, keep_count
 from envs.models import build_model
@@ -56,13 +57,7 @@ def test_analytic_costs_and_masks_match_the_pruned_network(name, width):
                 assert getattr(mods[n], "in_channels", getattr(mods[n], "in_features", None)) == k
         assert graph.macs(kept) == count_macs(pruned, X1)
         assert graph.params(kept) == count_params(pruned)
-        hooks = graph.mask_hooks(model, graph.masks(keep))
-        try:
-            with torch.no_grad():
-                masked = model(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        masked = masked_forward(graph, model, keep, x)
         with torch.no_grad():
             out = pruned(x)
         torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from envs.channel_prune import run_actions
 from envs.machine import backend, resolve_device
 from envs.paths import CACHE_ENV
 
@@ -136,12 +137,7 @@ def test_resolve_device():
             resolve_device("cuda:0")
 
 
-def _episode(env, actions) -> dict:
-    env.reset(seed=0)
-    info = {}
-    for a in actions:
-        _, _, _, _, info = env.step(a)
-    return info
+_episode = run_actions
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -26,6 +26,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import masked_forward
 from envs.channel_prune import ChannelPruneEnv
 from envs.cost import count_macs
 from envs.data import DatasetSplits, Split
@@ -186,13 +187,7 @@ def test_concatenation_groups_prune_cost_and_mask_exactly():
         cols = torch.as_tensor(graph.kept_positions("transition.2", keep, axis="in"))
         torch.testing.assert_close(pruned.get_submodule("transition.2").weight,
                                    model.get_submodule("transition.2").weight[rows][:, cols])
-        hooks = graph.mask_hooks(model, graph.masks(keep))
-        try:
-            with torch.no_grad():
-                masked = model(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        masked = masked_forward(graph, model, keep, x)
         with torch.no_grad():
             torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5)
 
