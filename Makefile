@@ -17,7 +17,7 @@ data:
 	@bash scripts/install_data.sh
 
 demo: setup
-	$(PY) -m baselines.demo
+	$(PY) -m baselines.experiments.demo
 
 test: setup
 	$(PY) -m pytest -q
@@ -26,7 +26,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 bench: setup
-	$(PY) -m envs.bench $(BENCH_ARGS)
+	$(PY) -m baselines.experiments.speed $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check envs agents baselines tests

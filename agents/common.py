@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import yaml
 
 import envs  # noqa: F401  (registers the ChannelPrune-* ids)
-from envs import ENV_IDS
-from envs.channel_prune import ChannelPruneEnv
+from envs import resolve_env_id
+from envs.kwargs import ENV_KWARGS, check_kwargs
 from envs.paths import atomic_write_text
 
 from .algos import ALGOS
@@ -34,40 +33,20 @@ def check_algo(algo: str) -> str:
 
 
 def check_env_id(env_id: str) -> str:
-    if env_id not in ENV_IDS:
-        raise ValueError(f"env_id={env_id!r} is not a ChannelPrune environment; allowed: {', '.join(ENV_IDS)}")
-    return env_id
+    """The registered ChannelPrune id (an unversioned name means its latest version); ValueError otherwise."""
+    return resolve_env_id(env_id)
 
 
 def env_kwarg_names() -> list[str]:
     """The keyword arguments ``ChannelPruneEnv`` accepts (what ``gym.make(id, **kwargs)`` forwards to it)."""
-    params = inspect.signature(ChannelPruneEnv.__init__).parameters
-    return [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return list(ENV_KWARGS)
 
 
 def check_env_kwargs(env_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """Reject unknown keys before anything is built (gym.make would fail only after loading the data)."""
+    """Reject unknown keys and bad values before anything is built (a worker's error would surface as EOFError)."""
     env_kwargs = dict(env_kwargs or {})
-    allowed = env_kwarg_names()
-    bad = [k for k in env_kwargs if k not in allowed]
-    if bad:
-        raise ValueError(f"unknown env kwarg(s) {', '.join(map(repr, bad))}; ChannelPruneEnv accepts: "
-                         f"{', '.join(allowed)}")
+    check_kwargs(env_kwargs)
     return env_kwargs
-
-
-def parse_key_values(items: Sequence[str] | None, what: str = "--env-kwargs") -> dict[str, Any]:
-    """``["budget=0.5", "width=0.5"]`` -> ``{"budget": 0.5, "width": 0.5}``; values parsed with yaml.safe_load."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what}: {item!r} is not of the form key=value")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{what}: cannot parse the value of {item!r}: {exc}") from exc
-    return out
 
 
 def check_writable_dir(out: str | os.PathLike) -> Path:
@@ -187,10 +166,15 @@ class EnvFactory:
 
 def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, baseline_alpha: float | None = None,
                  start_method: str | None = None):
-    """DummyVecEnv for one env, SubprocVecEnv (one torch thread per worker) for several."""
+    """DummyVecEnv for one env, SubprocVecEnv (one torch thread per worker) for several.
+
+    With several, the env is built once here first, so the checkpoint, data and predictor caches exist before the
+    workers start; the workers only read them (``train_if_missing=False``, no progress output)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     if n_envs == 1:
         return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, baseline_alpha)])
-    return SubprocVecEnv([EnvFactory(env_id, env_kwargs, True, baseline_alpha) for _ in range(n_envs)],
+    gym.make(env_id, **env_kwargs).close()
+    worker_kwargs = {**env_kwargs, "progress": False, "train_if_missing": False}
+    return SubprocVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha) for _ in range(n_envs)],
                          start_method=start_method)

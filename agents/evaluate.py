@@ -1,6 +1,6 @@
 """Evaluate a training run: replay the saved agent (one deterministic episode) and ``best.json`` as a policy.
 
-    python -m agents.evaluate runs/ChannelPrune-ResNet18/ppo_s0_20250101-120000
+    python -m agents.evaluate runs/ChannelPrune-ResNet18-v0/ppo_s0_20250101-120000
     python -m agents.evaluate RUN_DIR --env-kwargs reward_size=500 --split test
 
 The env is rebuilt from ``config.yaml`` (env id and kwargs); ``--env-kwargs`` overrides them (and must supply
@@ -20,24 +20,15 @@ from typing import Any
 import numpy as np
 import yaml
 
+from envs.cli import parse_key_values
+from envs.episodes import run_episode
+
 from .algos import ALGOS
-from .common import BEST_FILE, CONFIG_FILE, MODEL_FILE, parse_key_values
+from .common import BEST_FILE, CONFIG_FILE, MODEL_FILE
 from .policy import BestPolicy, make_env_from_record
 
 METRICS = ("reward", "accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops_ratio", "latency_ratio",
            "clamp_total")
-
-
-def run_episode(policy, env, seed: int | None = 0, deterministic: bool = True) -> tuple[float, dict[str, Any]]:
-    """One episode of ``policy.predict`` on ``env``; returns (return, the final info)."""
-    obs, info = env.reset(seed=seed)
-    total, done = 0.0, False
-    while not done:
-        action, _ = policy.predict(obs, deterministic=deterministic)
-        obs, reward, terminated, truncated, info = env.step(action)
-        total += float(reward)
-        done = terminated or truncated
-    return total, dict(info)
 
 
 def _test_accuracy(env, info: dict[str, Any]) -> float:
@@ -66,10 +57,10 @@ def evaluate_run(run_dir: str | Path, test: bool = False, **env_overrides: Any) 
         model_path = run_dir / MODEL_FILE
         if model_path.is_file():
             model = ALGOS[cfg["algo"]].load(model_path, device="cpu")
-            reward, info = run_episode(model, env)
+            reward, info = run_episode(env, model)
             out["agent"] = {**info, "reward": reward}
         if (run_dir / BEST_FILE).is_file():
-            reward, info = run_episode(BestPolicy.load(run_dir / BEST_FILE), env)
+            reward, info = run_episode(env, BestPolicy.load(run_dir / BEST_FILE))
             out["best"] = {**info, "reward": reward}
         if test:
             for m in out.values():

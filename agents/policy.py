@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401  (registers the ChannelPrune-* ids)
+from envs.budget import action_of_ratio
 
 from .common import BEST_FILE, check_env_id
 
@@ -61,16 +62,12 @@ class BestPolicy:
             raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}; it was not written by agents.train")
         return cls(rec["keep_ratios"], rec["min_keep"], rec.get("runtime_ratios"), rec.get("mode", "static"), rec)
 
-    def _to_action(self, r: float) -> float:
-        span = max(1.0 - self.min_keep, 1e-12)
-        return float(np.clip(2.0 * (r - self.min_keep) / span - 1.0, -1.0, 1.0))
-
     def action_for_step(self, t: int) -> np.ndarray:
         t = int(min(max(t, 0), self.n_groups - 1))
-        a = [self._to_action(self.keep_ratios[t])]
+        a = [action_of_ratio(self.keep_ratios[t], self.min_keep)]
         if self.mode == "runtime":
             rt = 1.0 if self.runtime_ratios is None else self.runtime_ratios[t]
-            a.append(self._to_action(rt))
+            a.append(action_of_ratio(rt, self.min_keep))
         return np.asarray(a, dtype=np.float32)
 
     def _step_of(self, obs_row: np.ndarray) -> int:

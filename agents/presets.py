@@ -49,7 +49,8 @@ def get_preset(algo: str, env_id: str, presets: dict[str, Any] | None = None) ->
     """``default[algo]`` updated (one level deep) by ``presets[env_id][algo]``."""
     presets = load_presets() if presets is None else presets
     hp = copy.deepcopy(presets["default"].get(algo, {}))
-    hp.update(copy.deepcopy((presets.get(env_id) or {}).get(algo, {})))
+    per_env = presets.get(env_id) or presets.get(env_id.removesuffix("-v0")) or {}  # unversioned: older files
+    hp.update(copy.deepcopy(per_env.get(algo, {})))
     return hp
 
 

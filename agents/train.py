@@ -1,7 +1,7 @@
 """Train an SB3 agent on a ChannelPrune environment.
 
-    python -m agents.train --algo ppo --env ChannelPrune-ResNet18 --env-kwargs budget=0.5 --episodes 200
-    python -m agents.train --algo ddpg --env ChannelPrune-ResNet20 --env-kwargs width=0.5 reward_size=200 \\
+    python -m agents.train --algo ppo --env ChannelPrune-ResNet18-v0 --env-kwargs budget=0.5 --episodes 200
+    python -m agents.train --algo ddpg --env ChannelPrune-ResNet20-v0 --env-kwargs width=0.5 reward_size=200 \\
         --episodes 150 --n-envs 2 --seed 1 --out runs/ddpg-r20
 
 Hyperparameters come from ``agents/presets.yaml`` (``default`` block, overridden by the env id's block;
@@ -26,7 +26,6 @@ workers. ``--episode-reward`` switches on AMC's episode-level reward assignment 
 from __future__ import annotations
 
 import argparse
-import inspect
 import signal
 import sys
 import time
@@ -37,23 +36,25 @@ import stable_baselines3
 import torch
 from stable_baselines3.common.logger import HumanOutputFormat, Logger
 
-from envs.channel_prune import ChannelPruneEnv
+from envs.cli import parse_key_values
 
 from .algos import ALGOS, ON_POLICY
 from .callbacks import EpisodeRecorder
-from .common import (BEST_FILE, CONFIG_FILE, MODEL_FILE, check_algo, check_env_id, check_env_kwargs,
-                     check_writable_dir, make_vec_env, parse_key_values, split_serializable, write_yaml)
+from .common import (
+    BEST_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    check_algo,
+    check_env_id,
+    check_env_kwargs,
+    check_writable_dir,
+    make_vec_env,
+    split_serializable,
+    write_yaml,
+)
 from .presets import check_keys, get_preset, load_presets, resolve
 
 DEFAULT_EPISODES = 100
-
-
-def _check_env_values(env_kwargs: dict[str, Any]) -> None:
-    """Run the env's own argument checks before any worker starts (a worker's error would surface as EOFError)."""
-    params = inspect.signature(ChannelPruneEnv.__init__).parameters
-    names = inspect.signature(ChannelPruneEnv._check_args).parameters
-    args = {n: env_kwargs.get(n, params[n].default) for n in names if n in params}
-    ChannelPruneEnv._check_args(**args)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -101,9 +102,8 @@ def train(
             ``warmup_episodes``).
     """
     check_algo(algo)
-    check_env_id(env_id)
+    env_id = check_env_id(env_id)
     env_kwargs = check_env_kwargs(env_kwargs)
-    _check_env_values(env_kwargs)
     if episodes is not None and timesteps is not None:
         raise ValueError(f"give episodes={episodes!r} or timesteps={timesteps!r}, not both")
     if episodes is None and timesteps is None:
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agents.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", required=True, help=f"one of: {', '.join(ALGOS)}")
-    p.add_argument("--env", required=True, help="a ChannelPrune env id, e.g. ChannelPrune-ResNet18")
+    p.add_argument("--env", required=True, help="a ChannelPrune env id, e.g. ChannelPrune-ResNet18-v0")
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="ChannelPruneEnv arguments, values parsed as YAML (budget=0.5 width=0.5 reward_size=200)")
     budget = p.add_mutually_exclusive_group()

@@ -6,7 +6,7 @@ import importlib
 
 from .base import REGISTRY, Baseline, cost_of_ratios, fit_to_budget
 
-_MODULES = ("uniform", "random_policy", "l1", "neuron_merging", "pfp", "scop", "polarization", "grda",
+_MODULES = ("uniform", "random_policy", "random_search", "l1", "neuron_merging", "pfp", "scop", "polarization", "grda",
             "channel_gating")
 
 

@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import brentq
 from torch import nn
 
+from envs.budget import action_of_ratio
 from envs.channel_prune import ChannelPruneEnv
-from envs.groups import keep_count
+from envs.observation import PER_STEP
 
 REGISTRY: dict[str, type["Baseline"]] = {}
 
@@ -62,7 +62,7 @@ class Baseline:
     runtime = False  # a runtime-mode baseline also plans runtime ratios
 
     def __init__(self, env, seed: int = 0, **kwargs):
-        self.env: ChannelPruneEnv = env.unwrapped if hasattr(env, "unwrapped") else env
+        self.env: ChannelPruneEnv = _unwrap(env)
         self.seed = int(seed)
         self.options = kwargs
         self.rng = np.random.default_rng(self.seed)
@@ -100,61 +100,46 @@ class Baseline:
             self.wall_seconds = time.perf_counter() - w0
         return self
 
-    def _ratio_to_action(self, r: float) -> float:
-        mk = self.eval_env.min_keep
-        return float(np.clip(2.0 * (r - mk) / max(1.0 - mk, 1e-12) - 1.0, -1.0, 1.0))
-
     def action_for_step(self, t: int) -> np.ndarray:
         self.setup()
-        a = [self._ratio_to_action(self.ratios[t])]
+        mk = self.eval_env.min_keep
+        a = [action_of_ratio(self.ratios[t], mk)]
         if self.eval_env.mode == "runtime":
-            rt = 1.0 if self.runtime_ratios is None else self.runtime_ratios[t]
-            a.append(self._ratio_to_action(rt))
+            a.append(action_of_ratio(1.0 if self.runtime_ratios is None else self.runtime_ratios[t], mk))
         return np.asarray(a, dtype=np.float32)
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
-        """SB3's policy interface; the step index is read from observation[0] (index / (n_groups - 1))."""
+        """SB3's policy interface; the step index is read from observation[0] (index / (n_groups - 1)).
+
+        The plan is for ``self.eval_env`` (which may differ from the env given: a fine-tuned model, the method's
+        own channel order); an observation from any other env raises ValueError instead of playing a plan made
+        for something else."""
         self.setup()
         obs = np.asarray(observation, dtype=np.float64)
+        acts = [self.action_for_step(self._step_of(o)) for o in obs.reshape(-1, obs.shape[-1])]
+        return (acts[0] if obs.ndim == 1 else np.stack(acts)), state
+
+    def _step_of(self, obs: np.ndarray) -> int:
         n = self.eval_env.n_groups
-        if obs.ndim == 1:
-            t = int(round(obs[0] * max(n - 1, 1)))
-            return self.action_for_step(min(t, n - 1)), state
-        acts = [self.action_for_step(min(int(round(o[0] * max(n - 1, 1))), n - 1)) for o in obs]
-        return np.stack(acts), state
+        t = min(max(int(round(obs[0] * max(n - 1, 1))), 0), n - 1)
+        expected = self.eval_env.problem.features[t]
+        fixed = [i for i in range(len(expected)) if i not in PER_STEP]
+        if obs.shape != expected.shape or not np.allclose(obs[fixed], expected[fixed], atol=1e-5):
+            raise ValueError(f"{self.name}: this observation does not come from the env the plan was made for "
+                             "(another model, channel order, budget or mode); evaluate the baseline on "
+                             "baseline.setup().eval_env, e.g. evaluate_policy(b, b.eval_env)")
+        return t
 
 
 def cost_of_ratios(env: ChannelPruneEnv, ratios: Sequence[float], runtime: Sequence[float] | None = None) -> float:
-    """Cost ratio of the target (effective FLOPs in runtime mode) for a plan of keep ratios."""
-    kept = [keep_count(r, g.num_channels, env.round_to, env.k_min[i])
-            for i, (r, g) in enumerate(zip(ratios, env.groups))]
-    if env.mode == "runtime":
-        rt = [keep_count(float(runtime[i]) if runtime is not None else 1.0, k, 1) if env.gated[i] else k
-              for i, k in enumerate(kept)]
-        return env._costs(kept, rt)["effective"] / env._base_cost["flops"]
-    return env._costs(kept)[env.target] / env._base_cost[env.target]
+    """Cost ratio of the target (effective FLOPs in runtime mode) for a plan of keep ratios (``CostModel``)."""
+    return _unwrap(env).cost.plan_cost(ratios, runtime)
 
 
 def fit_to_budget(env: ChannelPruneEnv, ratios: Sequence[float], budget: float | None = None) -> np.ndarray:
-    """Scale a plan's ratios by one factor s (root-found with scipy's brentq) so its cost meets the budget.
+    """Scale a plan's ratios by one factor so its cost meets the budget (``CostModel.fit_to_budget``)."""
+    return _unwrap(env).cost.fit_to_budget(ratios, budget)
 
-    ``r_i(s) = clip(s * r_i, min_keep, 1)``; returns the largest such plan whose cost is within the budget.
-    """
-    budget = env.budget if budget is None else budget
-    r = np.clip(np.asarray(ratios, dtype=np.float64), env.min_keep, 1.0)
 
-    def plan(s: float) -> np.ndarray:
-        return np.clip(s * r, env.min_keep, 1.0)
-
-    def excess(s: float) -> float:
-        return cost_of_ratios(env, plan(s)) - budget
-
-    if excess(1.0 / r.min()) <= 0:  # even keeping everything that can be kept fits
-        return plan(1.0 / r.min())
-    lo = 0.0
-    if excess(lo) > 0:
-        return plan(lo)
-    s = brentq(excess, lo, 1.0 / r.min(), xtol=1e-4)
-    while excess(s) > 0 and s > 0:  # rounding of channel counts: step down until it fits
-        s *= 0.999
-    return plan(s)
+def _unwrap(env) -> ChannelPruneEnv:
+    return env.unwrapped if hasattr(env, "unwrapped") else env

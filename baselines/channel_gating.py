@@ -146,7 +146,7 @@ def gated_layers(env: ChannelPruneEnv, all_convs: bool = False, p: int = 4) -> l
     in a static-mode env), or (``all_convs``) every conv but the first with ``groups == 1`` and at least ``p``
     input channels (the paper's choice)."""
     if not all_convs:
-        return [v[1] for i, v in enumerate(env.gate_layout)
+        return [v[1] for i, v in enumerate(env.problem.gate_layout)
                 if v is not None and (env.gated[i] or env.mode != "runtime")]
     convs = [(n, m) for n, m in env.base_model.named_modules() if isinstance(m, nn.Conv2d)]
     order = _forward_order(env)
@@ -164,7 +164,7 @@ def _forward_order(env: ChannelPruneEnv) -> dict[str, int]:
     hooks = [m.register_forward_pre_hook(record) for m in env.base_model.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():
-            env.base_model.eval()(env.example_input)
+            env.base_model.eval()(env.problem.example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -379,7 +379,7 @@ class ChannelGating(Baseline):
         """Runtime ratio per group: CG's computed fraction for a gated group's producer, 1 elsewhere."""
         env = self.eval_env
         rt = np.ones(env.n_groups)
-        for i, v in enumerate(env.gate_layout):
+        for i, v in enumerate(env.problem.gate_layout):
             if v is not None and env.gated[i]:
                 rt[i] = min(1.0, max(computed[v[1]], env.min_keep))
         return rt

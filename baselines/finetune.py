@@ -4,7 +4,7 @@ Methods that change the network before pruning (Polarization's regularizer, gRDA
 ``finetune`` trains a deep copy of ``env.base_model`` (the base model is never touched) for a fixed number of
 steps on ``env.data.train`` (never on the reward, calibration or test splits), with seeded batch sampling, an
 optional extra penalty on the loss, an optional projection after every step, and optimizers of the method's
-choice. ``cached_finetune`` stores the resulting state dict next to ``env.checkpoint_file`` (keyed by method and
+choice. ``cached_finetune`` stores the resulting state dict next to ``env.problem.checkpoint_file`` (keyed by method and
 hyperparameters; loaded with ``weights_only=True``) or, for an env built on an in-memory model, in memory.
 
 Deviation shared by every method using it: no data augmentation (a few hundred steps from a converged network).
@@ -33,7 +33,7 @@ _MEMORY: "weakref.WeakKeyDictionary[nn.Module, dict[str, dict]]" = weakref.WeakK
 
 def env_progress(env: ChannelPruneEnv) -> bool:
     """Whether the env was built with progress bars on."""
-    return bool(getattr(env, "_init_kwargs", {}).get("progress", True))
+    return env.problem.progress
 
 
 def check_positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
@@ -103,9 +103,9 @@ def _key(method: str, hparams: dict) -> str:
 
 def cache_path(env: ChannelPruneEnv, method: str, hparams: dict) -> Path | None:
     """``<checkpoint>.<method>-<hash of hparams>.pt``, or None for an env without a checkpoint file."""
-    if env.checkpoint_file is None:
+    if env.problem.checkpoint_file is None:
         return None
-    return Path(f"{env.checkpoint_file}.{_key(method, hparams)}.pt")
+    return Path(f"{env.problem.checkpoint_file}.{_key(method, hparams)}.pt")
 
 
 def cached_finetune(

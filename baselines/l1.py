@@ -18,7 +18,7 @@ from .base import Baseline, fit_to_budget, register
 @register("l1")
 class L1(Baseline):
     def prepare(self) -> ChannelPruneEnv:
-        return self.env if getattr(self.env.scorer, "name", "") == "l1" else self.env.derive(scorer="l1")
+        return self.env if getattr(self.env.problem.scorer, "name", "") == "l1" else self.env.derive(scorer="l1")
 
     def plan(self) -> np.ndarray:
         return fit_to_budget(self.eval_env, np.ones(self.eval_env.n_groups))

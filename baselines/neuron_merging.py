@@ -140,7 +140,7 @@ def merge_compensation(
 
     ``keep_idx[g]`` are the base channel indices group g keeps (what ``graph.prune_copy`` was given);
     ``pruned_model`` is that physically pruned copy of ``base_model``. Returns the number of merged channels per
-    group (0 for skipped groups). The ``compensate`` hook of ``ChannelPruneEnv`` calls this with the default
+    group (0 for skipped groups). ``ChannelPruneEnv(compensate=merge_compensation)`` calls this with the default
     threshold; ``functools.partial(merge_compensation, threshold=t)`` sets another.
     """
     _check(threshold, lam)

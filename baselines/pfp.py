@@ -65,7 +65,7 @@ def _weight_rows(mod: nn.Module, channels: int) -> torch.Tensor:
     return mod.weight.detach().reshape(mod.weight.shape[0], channels, -1)
 
 
-def _relative_contributions(a: torch.Tensor, mod: nn.Module, channels: int, chunk: int = 1 << 19) -> torch.Tensor:
+def relative_contributions(a: torch.Tensor, mod: nn.Module, channels: int, chunk: int = 1 << 19) -> torch.Tensor:
     """Per input channel j: max over the batch, output neurons i and weight taps t of ``w_ijt a_jt / z_i``.
 
     ``z_i`` is the neuron's total from weights of the same sign (``W+`` or ``W-``, the paper's split), ``a >= 0``.
@@ -134,7 +134,7 @@ def pfp_sensitivities(
                     # negative inputs (no ReLU before the reader): their magnitudes count as extra samples
                     parts = [a] if bool((a >= 0).all()) else [a.clamp_min(0), (-a).clamp_min(0)]
                     for part in parts:
-                        sens[gi] = torch.maximum(sens[gi], _relative_contributions(part, mod, c))
+                        sens[gi] = torch.maximum(sens[gi], relative_contributions(part, mod, c))
     finally:
         for h in hooks:
             h.remove()

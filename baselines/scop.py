@@ -279,7 +279,7 @@ class SCOP(Baseline):
 
     def prepare(self) -> ChannelPruneEnv:
         o = self.options
-        self.scorer = SCOPScorer(self.env.checkpoint_file, steps=int(o.get("steps", 150)),
+        self.scorer = SCOPScorer(self.env.problem.checkpoint_file, steps=int(o.get("steps", 150)),
                                  batch_size=int(o.get("batch_size", 32)), lr=float(o.get("lr", 0.05)),
                                  seed=self.seed, max_dim=int(o.get("max_dim", 256)),
                                  progress=bool(o.get("progress", True)))

@@ -1,8 +1,10 @@
 """Export the physically pruned network of a policy: weights, a pickle-free channel config, ONNX and a report.
 
-    python -m envs.export --policy best.json --out model/ [--finetune-steps 500]
-    python -m envs.export --baseline uniform --env ChannelPrune-ResNet20 --env-kwargs budget=0.5 --out model/
-    ... [--device auto|cpu|cuda|cuda:N]   (where the env evaluates and the fine-tune trains; default auto)
+    from envs.export import export_policy, export_pruned, load_exported
+    export_policy("best.json", "model/", finetune_steps=500)   # or export_pruned(env, kept_counts, "model/")
+
+The command line (which can also export a baseline's plan) is ``python -m baselines.experiments.export``; it sits
+above ``envs`` because a baseline's plan needs ``baselines``, which ``envs`` does not import.
 
 The network is pruned exactly as the environment prunes it at the end of an episode (Torch-Pruning's handlers, i.e.
 DepGraph, Fang et al., CVPR 2023, on a copy of the base model, the env's compensation if it has one, then BatchNorm
@@ -40,7 +42,6 @@ the report says so and keeps the env's gated accuracy and effective-FLOPs ratio 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -53,8 +54,9 @@ import torch
 from torch import nn
 
 from .cost import compare_latency, count_macs, count_params
+from .episodes import actions_of_ratios, run_actions
 from .finetune import finetune
-from .machine import backend, resolve_device
+from .machine import backend
 from .models import build_model
 
 FORMAT = "channelprune-export/1"
@@ -140,7 +142,7 @@ def load_exported(out_dir: str | Path) -> nn.Module:
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{str(p)!r} does not exist; out_dir={str(out_dir)!r} must hold {CONFIG_FILE} "
-                                    f"and {WEIGHTS_FILE} written by envs.export")
+                                    f"and {WEIGHTS_FILE} written by envs.export (export_pruned / export_policy)")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
@@ -156,13 +158,10 @@ def load_exported(out_dir: str | Path) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- plans
-def _unwrap(env):
+def unwrap(env):
+    """The ``ChannelPruneEnv`` under any Gymnasium wrappers."""
     return env.unwrapped if hasattr(env, "unwrapped") else env
 
-
-def _ratio_to_action(env, r: float) -> float:
-    span = 1.0 - env.min_keep
-    return 1.0 if span <= 0 else float(np.clip(2.0 * (r - env.min_keep) / span - 1.0, -1.0, 1.0))
 
 
 def _check_counts(env, kept_counts: Sequence[int]) -> list[int]:
@@ -199,24 +198,17 @@ def replay(env, keep_ratios: Sequence[float], runtime_ratios: Sequence[float] | 
     The env applies its rounding and budget wall exactly as for an agent, so ``info["kept_counts"]`` is the plan
     the env itself would prune with and ``info["accuracy"]`` what it reports for it.
     """
-    env = _unwrap(env)
+    env = unwrap(env)
     r = _check_ratios(env, "keep_ratios", keep_ratios)
     rr = _check_ratios(env, "runtime_ratios", runtime_ratios)
-    env.reset(seed=seed)
-    for t in range(env.n_groups):
-        a = [_ratio_to_action(env, r[t])]
-        if env.mode == "runtime":
-            a.append(_ratio_to_action(env, 1.0 if rr is None else rr[t]))
-        _, _, terminated, _, info = env.step(np.asarray(a, dtype=np.float64))
-    if not terminated:  # pragma: no cover - the env terminates after one step per group
-        raise RuntimeError("the episode did not terminate after one step per group")
+    run_actions(env, actions_of_ratios(r, rr, env.min_keep, env.mode == "runtime"), seed)
     return dict(env.last_info)
 
 
 def replay_counts(env, kept_counts: Sequence[int], runtime_ratios: Sequence[float] | None = None,
                   seed: int = 0) -> dict:
     """``replay`` for exact channel counts; ValueError if the env's budget wall would change them."""
-    env = _unwrap(env)
+    env = unwrap(env)
     kept = _check_counts(env, kept_counts)
     info = replay(env, [k / g.num_channels for k, g in zip(kept, env.groups)], runtime_ratios, seed)
     if list(info["kept_counts"]) != kept:
@@ -230,15 +222,9 @@ def replay_counts(env, kept_counts: Sequence[int], runtime_ratios: Sequence[floa
 
 def static_pruned(env, kept_counts: Sequence[int]) -> nn.Module:
     """The env's statically pruned network for ``kept_counts`` (no runtime gates), BN recalibrated, eval mode."""
-    env = _unwrap(env)
+    env = unwrap(env)
     kept = _check_counts(env, kept_counts)
-    if env.mode == "static":
-        pruned = env.build_pruned(kept)
-    else:  # the same pruning and compensation as build_pruned, without installing the runtime gates
-        keep_idx = env.kept_channels(kept)
-        pruned = env.graph.prune_copy(keep_idx)
-        if env.compensate_spec is not None:
-            env._compensate(pruned, keep_idx)
+    pruned = env.problem.build_pruned(kept, gates=False)
     env.recalibrate_bn(pruned)
     return pruned.eval()
 
@@ -265,7 +251,8 @@ def export_latency(exported: nn.Module, base: nn.Module, shape: tuple[int, ...],
     return lat
 
 
-def _jsonable(d: dict) -> dict:
+def jsonable_kwargs(d: dict) -> dict:
+    """Env kwargs as JSON: plain values kept, anything else (a module, data splits, a scorer) as <TypeName>."""
     out = {}
     for k, v in d.items():
         if isinstance(v, (str, int, float, bool, type(None))):
@@ -279,12 +266,12 @@ def _jsonable(d: dict) -> dict:
 
 def env_arch(env) -> dict[str, Any]:
     """Zoo name, width and data shape of an env built from a zoo model name (what ``config.json`` needs)."""
-    env = _unwrap(env)
-    name = env._init_kwargs.get("model")
+    env = unwrap(env)
+    name = env.kwargs.get("model")
     if not isinstance(name, str):
         raise ValueError(f"the env's model is a {type(name).__name__}, not a zoo name; physical export rebuilds "
                          "zoo models only: pass arch={'model': <zoo name>, 'width': ...}")
-    return {"model": name, "width": float(env._init_kwargs.get("width", 1.0))}
+    return {"model": name, "width": float(env.kwargs.get("width", 1.0))}
 
 
 def _onnx_export(model: nn.Module, example: torch.Tensor, path: Path, check_x: torch.Tensor) -> dict[str, Any]:
@@ -337,7 +324,7 @@ def export_pruned(
     baseline's fine-tuned copy). ``finetune_steps`` > 0 fine-tunes the pruned network with ``envs.finetune``
     after the BN recalibration. ``latency_repeats=0`` skips the latency measurement.
     """
-    env = _unwrap(env)
+    env = unwrap(env)
     kept = _check_counts(env, kept_counts)
     if not (isinstance(finetune_steps, int) and finetune_steps >= 0):
         raise ValueError(f"finetune_steps={finetune_steps!r} must be an integer >= 0")
@@ -373,7 +360,7 @@ def export_pruned(
         "num_classes": int(data.num_classes), "in_channels": int(data.in_channels),
         "image_size": int(data.image_size), "dataset": data.name, "mean": list(data.mean), "std": list(data.std),
         "modules": channel_config(pruned), "kept_counts": kept, "groups": groups,
-        "source": source or {}, "env_kwargs": _jsonable(env._init_kwargs),
+        "source": source or {}, "env_kwargs": jsonable_kwargs(env.kwargs),
     }
     state = {k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}
     torch.save(state, out_dir / WEIGHTS_FILE)
@@ -443,7 +430,7 @@ def export_pruned(
 
 # ---------------------------------------------------------------------------------------------- policies
 def load_policy(path: str | Path) -> dict[str, Any]:
-    """Read and check a policy file (``best.json`` from agents): env_id, env_kwargs, keep_ratios / kept_counts."""
+    """Read and check a policy file (a run's ``best.json``): env_id, env_kwargs, keep_ratios / kept_counts."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"policy file {str(path)!r} does not exist")
@@ -459,7 +446,7 @@ def check_policy(policy: Any, where: str = "policy") -> None:
     if not isinstance(policy, dict):
         raise ValueError(f"{where} must be a JSON object; got {type(policy).__name__}")
     if not isinstance(policy.get("env_id"), str):
-        raise ValueError(f"{where} needs a string 'env_id' (e.g. 'ChannelPrune-ResNet18'); got "
+        raise ValueError(f"{where} needs a string 'env_id' (e.g. 'ChannelPrune-ResNet18-v0'); got "
                          f"{policy.get('env_id')!r}")
     if not isinstance(policy.get("env_kwargs", {}), dict):
         raise ValueError(f"{where}: 'env_kwargs' must be an object; got {policy.get('env_kwargs')!r}")
@@ -505,8 +492,8 @@ def export_policy(policy: dict[str, Any] | str | Path, out_dir: str | Path, env=
             raise ValueError(f"policy min_keep={policy['min_keep']!r} differs from env_kwargs min_keep="
                              f"{env_kwargs['min_keep']!r}")
         env_kwargs["min_keep"] = float(policy["min_keep"])
-    source.update(env_id=policy["env_id"], env_kwargs=_jsonable(env_kwargs))
-    env = _unwrap(env) if env is not None else make_env(policy["env_id"], env_kwargs)
+    source.update(env_id=policy["env_id"], env_kwargs=jsonable_kwargs(env_kwargs))
+    env = unwrap(env) if env is not None else make_env(policy["env_id"], env_kwargs)
     kr, rr = _split_ratios(policy)
     if policy.get("kept_counts") is not None:
         kept = policy["kept_counts"]
@@ -515,104 +502,3 @@ def export_policy(policy: dict[str, Any] | str | Path, out_dir: str | Path, env=
         info = replay(env, kr, rr, kwargs.get("seed", 0))
         kept = info["kept_counts"]
     return export_pruned(env, kept, out_dir, env_info=info, source=source, **kwargs)
-
-
-def export_baseline(name: str, env_id: str, out_dir: str | Path, env_kwargs: dict[str, Any] | None = None,
-                    env=None, seed: int = 0, **kwargs) -> dict:
-    """Export the plan of baseline ``name`` on ``env_id`` (or on ``env``): its ``setup()``, then one episode."""
-    from baselines import available, make_baseline
-
-    names = available()
-    if name not in names:
-        raise ValueError(f"unknown baseline {name!r}; available: {', '.join(names)}")
-    env = _unwrap(env) if env is not None else make_env(env_id, env_kwargs)
-    arch = kwargs.pop("arch", None) or env_arch(env)
-    baseline = make_baseline(name, env, seed=seed).setup()
-    ev = baseline.eval_env
-    obs, _ = ev.reset(seed=seed)
-    for _ in range(ev.n_groups):
-        action, _ = baseline.predict(obs, deterministic=True)
-        obs, _, terminated, truncated, _ = ev.step(action)
-        if terminated or truncated:
-            break
-    info = dict(ev.last_info)
-    source = {"kind": "baseline", "baseline": name, "seed": seed, "env_id": env_id,
-              "env_kwargs": _jsonable(env_kwargs or {}), "plan_cpu_seconds": baseline.cpu_seconds,
-              "plan_wall_seconds": baseline.wall_seconds, "machine": backend(ev.device).machine}
-    return export_pruned(ev, info["kept_counts"], out_dir, env_info=info, arch=arch, source=source, seed=seed,
-                         **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--env-kwargs item {item!r} must look like key=value (e.g. budget=0.5)")
-        try:
-            out[key] = json.loads(value)  # numbers, true/false/null, JSON lists
-        except json.JSONDecodeError:
-            out[key] = value  # a plain string (a path, a mode name)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m envs.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--policy", help="a best.json policy file (env_id, env_kwargs, keep_ratios / kept_counts)")
-    src.add_argument("--baseline", help="a baseline name (see baselines.available())")
-    p.add_argument("--env", help="env id for --baseline (e.g. ChannelPrune-ResNet20)")
-    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V",
-                   help="env keyword arguments (with --policy: overrides of the policy's env_kwargs)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default=None,
-                   help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N: where the env "
-                        "evaluates and the fine-tune trains; overrides a policy file's device. Latency: CPU, plus "
-                        "the GPU")
-    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after pruning (envs.finetune)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latency-repeats", type=int, default=20,
-                   help="timed forward passes per network and batch size (0: skip latency)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the latency measurement")
-    p.add_argument("--no-onnx", action="store_true", help="do not write model.onnx")
-    p.add_argument("--no-test", action="store_true", help="skip the test-set accuracy")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    opts = dict(finetune_steps=args.finetune_steps, seed=args.seed, latency_repeats=args.latency_repeats,
-                threads=args.threads, onnx=not args.no_onnx, test_accuracy=not args.no_test,
-                progress=not args.quiet)
-    try:
-        kv = _parse_kv(args.env_kwargs)
-        if args.device is not None:
-            if "device" in kv and str(kv["device"]) != args.device:
-                raise ValueError(f"--device {args.device} differs from --env-kwargs device={kv['device']}; "
-                                 "give one of them")
-            kv["device"] = args.device
-        kv.setdefault("device", "auto")  # the machine's choice, not the policy's: a GPU run's policy exports here
-        resolve_device(kv["device"])
-        if args.quiet:
-            kv.setdefault("progress", False)
-        if args.policy is not None:
-            if args.env is not None:
-                raise ValueError(f"--env={args.env!r} is only for --baseline; a policy file names its env_id")
-            report = export_policy(args.policy, args.out, env_overrides=kv, **opts)
-        else:
-            if args.env is None:
-                raise ValueError("--baseline needs --env ENV_ID (e.g. --env ChannelPrune-ResNet20)")
-            seed = opts.pop("seed")
-            report = export_baseline(args.baseline, args.env, args.out, env_kwargs=kv, seed=seed, **opts)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    summary = {k: report.get(k) for k in ("reward_accuracy", "env_accuracy", "test_accuracy", "flops_ratio",
-                                          "flops_reduction", "params_ratio")}
-    if "latency" in report:
-        summary["speedup"] = {k: v["speedup"] for k, v in report["latency"].items() if k.startswith("batch")}
-    print(json.dumps({"out": str(args.out), **summary}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

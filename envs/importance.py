@@ -305,7 +305,7 @@ def gate_layout(graph: GroupGraph) -> list[tuple[int, str, str, str] | None]:
 
 
 @torch.no_grad()
-def _collect_gate_data(model: nn.Module, graph: GroupGraph, x: torch.Tensor, batch_size: int = 256):
+def collect_gate_data(model: nn.Module, graph: GroupGraph, x: torch.Tensor, batch_size: int = 256):
     """Per gated group: GAP of the producer's input (N, C_in) and post-ReLU output saliency (N, C_out), on the CPU
     (the forward passes run wherever ``model`` is)."""
     dev = next(model.parameters()).device
@@ -342,8 +342,8 @@ def fit_runtime_predictor(
     x_fit = src.x[:fit_images]
     if progress:
         print(f"fitting runtime importance gates on {len(x_fit)} images ...", file=sys.stderr)
-    fit = _collect_gate_data(ctx.model, ctx.graph, x_fit)
-    val = _collect_gate_data(ctx.model, ctx.graph, ctx.calib.x)
+    fit = collect_gate_data(ctx.model, ctx.graph, x_fit)
+    val = collect_gate_data(ctx.model, ctx.graph, ctx.calib.x)
     state: dict = {}
     rhos, rhos_static = [], []
     for i, (xin, yout) in fit.items():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import os
 import tempfile
+from pathlib import Path
+
+import pytest
+import torch
 
 from envs.data import load_dataset
 from envs.machine import MACHINE_CACHE_ENV
@@ -43,7 +44,18 @@ def tmp_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """A session-wide cache for the unpacked idx files (unpacking them again per test would cost seconds)."""
-    return tmp_path_factory.mktemp("data-cache")
+    return _session_dir(tmp_path_factory, "data-cache")
+
+
+def _session_dir(tmp_path_factory, name: str):
+    """A fresh session directory, or ``$CHANNELPRUNE_TEST_CACHE/<name>`` kept across sessions when that is set (a
+    developer's faster reruns: the tiny checkpoint is then trained once, not per session; CI leaves it unset)."""
+    keep = os.environ.get("CHANNELPRUNE_TEST_CACHE")
+    if keep:
+        path = Path(keep) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp(name)
 
 
 @pytest.fixture
@@ -79,13 +91,13 @@ def tiny_setup(tmp_path_factory, data_cache):
     """
     from envs.channel_prune import ChannelPruneEnv
 
-    cache = tmp_path_factory.mktemp("tiny-cache")
+    cache = _session_dir(tmp_path_factory, "tiny-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(data_cache))
         data = load_dataset(reward_size=500, calib_size=256)
         mp.setenv(CACHE_ENV, str(cache))
         env = ChannelPruneEnv(**TINY_MODEL, **TINY_RECIPE, data=data, progress=False)
-    return str(env.checkpoint_file), data
+    return str(env.problem.checkpoint_file), data
 
 
 @pytest.fixture
@@ -105,6 +117,6 @@ def make_env(tiny_setup):
 
 @pytest.fixture
 def tiny_gym_kwargs(tiny_setup):
-    """kwargs for ``gym.make("ChannelPrune-ResNet20", **kwargs)`` on the tiny model."""
+    """kwargs for ``gym.make("ChannelPrune-ResNet20-v0", **kwargs)`` on the tiny model."""
     ckpt, data = tiny_setup
     return dict(width=0.5, checkpoint=ckpt, data=data, progress=False)

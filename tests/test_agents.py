@@ -19,17 +19,19 @@ import envs  # noqa: F401  (registers the ids)
 from agents import evaluate as evaluate_mod
 from agents import train as train_mod
 from agents.algos import ALGOS, ON_POLICY
-from agents.common import EnvFactory, parse_key_values, split_serializable
+from agents.common import EnvFactory, split_serializable
 from agents.episode_reward import EpisodeBaselineWrapper, EpisodeRewardReplayBuffer
-from agents.evaluate import evaluate_run, run_episode
+from agents.evaluate import evaluate_run
 from agents.noise import TruncatedNormalActionNoise
 from agents.policy import BestPolicy, make_env_from_best
 from agents.presets import get_preset, load_presets, resolve
 from agents.train import train
+from envs.cli import parse_key_values
 from envs.data import DatasetSplits, Split
+from envs.episodes import run_episode
 from envs.paths import CACHE_ENV
 
-ENV_ID = "ChannelPrune-ResNet20"
+ENV_ID = "ChannelPrune-ResNet20-v0"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -153,7 +155,7 @@ def _constant_best(kwargs: dict) -> float:
         def predict(self, obs, deterministic=True):
             return self.a, None
 
-    return max(run_episode(Constant(a), env)[0] for a in np.linspace(-1, 1, 21))
+    return max(run_episode(env, Constant(a))[0] for a in np.linspace(-1, 1, 21))
 
 
 @pytest.mark.parametrize("algo", ["ppo", "ddpg"])
@@ -170,7 +172,7 @@ def test_agent_beats_random_actions(algo, tmp_path):
     assert 0.15 < random_mean < 0.3  # the test's premise: chance is poor here
     run = train(algo, ENV_ID, kwargs, episodes=150, seed=0, out=tmp_path, progress=False, tensorboard=False)
     model = ALGOS[algo].load(run / "model.zip", device="cpu")
-    reward, info = run_episode(model, gym.make(ENV_ID, **kwargs))
+    reward, info = run_episode(gym.make(ENV_ID, **kwargs), model)
     assert reward > random_mean + 0.2, (reward, random_mean, info["kept_counts"])
     if algo == "ppo":
         constant = _constant_best(kwargs)
@@ -191,7 +193,7 @@ def test_best_json_replays_exactly_and_evaluates(mode, small_kwargs, tmp_path):
         make_env_from_best(run / "best.json")  # the DatasetSplits could not be recorded: must be passed
     env = make_env_from_best(run / "best.json", data=data)
     policy = BestPolicy.load(run / "best.json")
-    reward, info = run_episode(policy, env)
+    reward, info = run_episode(env, policy)
     assert info["accuracy"] == best["accuracy"]
     assert info["flops_ratio"] == best["flops_ratio"]
     assert info["params_ratio"] == best["params_ratio"]
@@ -257,6 +259,10 @@ def test_parse_env_kwargs_yaml_values():
     assert isinstance(kw["reward_size"], int)
     with pytest.raises(ValueError, match="key=value"):
         parse_key_values(["budget"])
+    # YAML 1.1 reads a number without a dot as a string: "learning_rate=1e-3" must still reach SB3 as a float
+    hp = parse_key_values(["learning_rate=1e-3", "buffer_size=1E+4", "net_arch=[64, 64]"], "--hyperparams")
+    assert hp == {"learning_rate": 1e-3, "buffer_size": 1e4, "net_arch": [64, 64]}
+    assert parse_key_values(["ppo=runs/01"], "--agent-runs", raw=True) == {"ppo": "runs/01"}
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -266,7 +272,7 @@ def _no_env(*args, **kwargs):
 
 @pytest.mark.parametrize("args,kwargs,match", [
     (("dqn", ENV_ID), {}, r"algo='dqn'.*ppo, a2c, sac, td3, ddpg"),
-    (("ppo", "ChannelPrune-ResNet99"), {}, r"ChannelPrune-ResNet99.*ChannelPrune-ResNet18"),
+    (("ppo", "ChannelPrune-ResNet99"), {}, r"ChannelPrune-ResNet99.*ChannelPrune-ResNet18-v0"),
     (("ppo", ENV_ID, {"bugdet": 0.5}), {}, r"'bugdet'.*budget"),
     (("ppo", ENV_ID, {"budget": 2.0}), {}, r"budget=2.0"),
     (("ppo", ENV_ID), {"episodes": 3, "timesteps": 30}, r"not both"),
@@ -303,8 +309,8 @@ def test_presets_merge_resolve_and_are_valid():
     for block in table.values():
         for algo, hp in block.items():
             resolve(algo, {**table["default"][algo], **hp}, episode_len=12, n_envs=1, action_dim=1)  # no bad keys
-    assert get_preset("ppo", "ChannelPrune-ResNet18")["n_steps_episodes"] == 2
-    assert get_preset("ppo", "ChannelPrune-ResNet20")["n_steps_episodes"] == 4
+    assert get_preset("ppo", "ChannelPrune-ResNet18-v0")["n_steps_episodes"] == 2
+    assert get_preset("ppo", "ChannelPrune-ResNet20-v0")["n_steps_episodes"] == 4
 
     ppo = resolve("ppo", get_preset("ppo", ENV_ID), episode_len=12, n_envs=1, action_dim=1).kwargs
     assert ppo["n_steps"] == 48 and 48 % ppo["batch_size"] == 0 and ppo["gamma"] == 1.0
@@ -476,3 +482,27 @@ def test_timestep_budget(tmp_path):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["timesteps_done"] == 30 and cfg["episodes"] is None and cfg["hyperparams"]["n_steps"] == 3
     assert len(read_csv(run / "episodes.csv")) == 10  # 3-step episodes
+
+
+def test_parallel_workers_never_build_caches_the_parent_does(monkeypatch):
+    # --n-envs K: the env is built once in the parent (checkpoint, data and predictor caches are written there),
+    # then K workers that may only read them (train_if_missing=False) and print nothing.
+    from agents import common
+
+    made, workers = [], []
+
+    class FakeEnv:
+        def close(self):
+            pass
+
+    class FakeSubproc:
+        def __init__(self, factories, start_method=None):
+            workers.extend(factories)
+
+    monkeypatch.setattr(common.gym, "make", lambda env_id, **kw: made.append((env_id, kw)) or FakeEnv())
+    monkeypatch.setattr("stable_baselines3.common.vec_env.SubprocVecEnv", FakeSubproc)
+    common.make_vec_env("ChannelPrune-ResNet20-v0", {"budget": 0.5}, n_envs=3)
+    assert made == [("ChannelPrune-ResNet20-v0", {"budget": 0.5})]
+    assert len(workers) == 3
+    assert all(w.env_kwargs == {"budget": 0.5, "train_if_missing": False, "progress": False} and w.single_thread
+               for w in workers)

@@ -14,7 +14,7 @@ from torch import nn
 from baselines import make_baseline
 from baselines.base import cost_of_ratios, on_device
 from baselines.neuron_merging import merge_compensation, merge_pairs
-from baselines.pfp import _relative_contributions, find_eps, pfp_sensitivities
+from baselines.pfp import find_eps, pfp_sensitivities, relative_contributions
 from baselines.scop import GaussianKnockoffs, gamma_magnitudes, learn_betas, scop_scores
 from envs.groups import GroupGraph
 
@@ -53,6 +53,44 @@ def test_full_episode_respects_budget_and_is_deterministic(make_env, name):
     assert info_a["keep_ratios"] == info_b["keep_ratios"]
     assert info_a["kept_channels"] == info_b["kept_channels"]
     assert info_a["accuracy"] == info_b["accuracy"]
+
+
+def test_a_baseline_refuses_observations_from_another_env(make_env):
+    # A plan is made for baseline.eval_env: l1 re-orders channels by L1 norm, so its eval env differs from the
+    # learned-scorer env it was given; a budget change makes another env too. Both raise instead of playing a
+    # plan made for something else; on its own env it plays.
+    env = make_env(budget=0.5)
+    b = make_baseline("l1", env).setup()
+    assert b.eval_env is not env
+    action, _ = b.predict(b.eval_env.reset(seed=0)[0])
+    assert action.shape == (1,)
+    with pytest.raises(ValueError, match="eval_env"):
+        evaluate_policy(b, env, n_eval_episodes=1, warn=False)
+    with pytest.raises(ValueError, match="eval_env"):
+        b.predict(b.eval_env.derive(budget=0.3).reset(seed=0)[0])
+
+
+def test_random_search_keeps_the_best_of_n_budget_fitted_plans_by_reward_accuracy(make_env):
+    env = make_env(budget=0.5)
+    rs = make_baseline("random_search", env, seed=3, samples=4).setup()
+    hist = rs.history
+    assert len(hist) == 4 and rs.draws >= 4
+    # every candidate is a different plan within EagleEye's 0.5% of the budget
+    assert all(abs(h["cost_ratio"] - 0.5) <= 0.0025 for h in hist)
+    assert len({tuple(np.round(h["plan"], 6)) for h in hist}) == 4
+    best = max(hist, key=lambda h: h["reward_accuracy"])
+    np.testing.assert_array_equal(rs.ratios, best["plan"])
+    assert best["reward_accuracy"] > min(h["reward_accuracy"] for h in hist)  # the choice is not vacuous
+    # played through the env, the plan is applied as drawn (no wall clamping) and scores what the search saw
+    info = _episode(rs)
+    assert info["clamp_total"] == 0.0
+    np.testing.assert_allclose(info["keep_ratios"], [k / g.num_channels for k, g in
+                                                     zip(env.cost.plan_counts(rs.ratios)[0], env.groups)])
+    assert info["accuracy"] == pytest.approx(best["reward_accuracy"], abs=1e-12)
+    again = make_baseline("random_search", make_env(budget=0.5), seed=3, samples=4).setup()
+    np.testing.assert_array_equal(again.ratios, rs.ratios)
+    with pytest.raises(ValueError, match="samples"):
+        make_baseline("random_search", env, samples=0).setup()
 
 
 # ============================================================================================ neuron merging
@@ -141,7 +179,7 @@ def test_merge_exact_through_env_on_tiny_resnet(make_env):
     """The env's compensate='merge' path on the (widened, exactly redundant) tiny ResNet: no output change."""
     base = make_env(scorer="l1")
     wide = _widen(base.base_model, noise=0.0)
-    env = base.derive(model=wide, scorer=IndexScorer(), compensate="merge")
+    env = base.derive(model=wide, scorer=IndexScorer(), compensate=merge_compensation)
     kept = [g.num_channels if g.kind == "residual" else g.num_channels // 2 for g in env.groups]
     plain_env = base.derive(model=wide, scorer=IndexScorer())
     x = env.data.reward.x[:64]
@@ -159,7 +197,7 @@ def test_merge_beats_plain_pruning_on_same_keep_set(make_env):
     base = make_env(scorer="l1")
     wide = _widen(base.base_model, noise=0.3)
     plain_env = base.derive(model=wide, scorer=IndexScorer())
-    merge_env = base.derive(model=wide, scorer=IndexScorer(), compensate="merge")
+    merge_env = base.derive(model=wide, scorer=IndexScorer(), compensate=merge_compensation)
     kept = [g.num_channels if g.kind == "residual" else g.num_channels // 2 for g in plain_env.groups]
     acc = {}
     for name, env in [("plain", plain_env), ("merge", merge_env)]:
@@ -186,7 +224,7 @@ def test_pfp_relative_contributions_match_brute_force():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
     a = torch.rand(2, 3, 5, 5) * (torch.rand(2, 3, 5, 5) > 0.3)
-    fast = _relative_contributions(a, conv, 3)
+    fast = relative_contributions(a, conv, 3)
     ap = torch.nn.functional.pad(a, (1, 1, 1, 1))
     w = conv.weight.detach()
     slow = torch.zeros(3, dtype=torch.float64)

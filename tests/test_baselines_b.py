@@ -66,14 +66,14 @@ def test_polarization_episode_budget_and_determinism(make_env):
     assert info["flops_ratio"] <= env.budget + 1e-9
     b2 = make_baseline("polarization", env, lam=0.2, cache=False, **FAST).setup()
     np.testing.assert_array_equal(b1.ratios, b2.ratios)
-    assert b1.eval_env.scorer.name == "bn" and b1.eval_env.base_model is b1.finetuned
+    assert b1.eval_env.problem.scorer.name == "bn" and b1.eval_env.base_model is b1.finetuned
 
 
 def test_polarization_caches_per_hyperparameters(make_env):
     env = make_env(scorer="l1")
 
     def n_cached() -> int:
-        return len(list(Path(env.checkpoint_file).parent.glob("*.polarization-*.pt")))
+        return len(list(Path(env.problem.checkpoint_file).parent.glob("*.polarization-*.pt")))
 
     n0 = n_cached()
     a = polarize(env, lam=0.1, **FAST)
@@ -162,7 +162,7 @@ def test_channel_gating_counts_macs_exactly(make_env):
     hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, o.shape[-2] * o.shape[-1]))
              for n in cal.layers]
     with torch.no_grad():
-        env.base_model(env.example_input)
+        env.base_model(env.problem.example_input)
     for h in hooks:
         h.remove()
     saved = sum(mods[n].out_channels * sizes[n] * (mods[n].in_channels - mods[n].in_channels // 4)

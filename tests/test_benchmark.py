@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from baselines import benchmark as bm
+from baselines.experiments import benchmark as bm
 
 
 def _rows(path):
@@ -18,7 +18,7 @@ def _rows(path):
 def test_tiny_benchmark_writes_everything_and_resumes(tiny_gym_kwargs, tmp_path, monkeypatch):
     out = tmp_path / "results"
     kwargs = {**tiny_gym_kwargs, "importance_samples": 8}
-    rows = bm.benchmark("ChannelPrune-ResNet20", [0.6], ["uniform", "l1"], ["ppo"], episodes=6, finetune_steps=3,
+    rows = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "l1"], ["ppo"], episodes=6, finetune_steps=3,
                         out=out, env_kwargs=kwargs, progress=False, device="cpu")
     for name in ("results.csv", "results.md", "pareto.png", "keep_ratios.png", "reward_curves.png"):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
@@ -46,7 +46,7 @@ def test_tiny_benchmark_writes_everything_and_resumes(tiny_gym_kwargs, tmp_path,
         raise AssertionError("finished row was recomputed")
 
     monkeypatch.setattr(bm, "evaluate_plan", boom)
-    rows2 = bm.benchmark("ChannelPrune-ResNet20", [0.6], ["uniform", "l1"], ["ppo"], episodes=6, finetune_steps=3,
+    rows2 = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "l1"], ["ppo"], episodes=6, finetune_steps=3,
                          out=out, env_kwargs=kwargs, progress=False)
     assert len(rows2) == len(rows)
 
@@ -60,7 +60,7 @@ def test_a_crashing_method_is_recorded_and_does_not_stop_the_others(tiny_gym_kwa
 
     monkeypatch.setitem(base.REGISTRY, "broken", Broken)
     out = tmp_path / "r"
-    rows = bm.benchmark("ChannelPrune-ResNet20", [0.6], ["broken", "uniform"], [], episodes=1, finetune_steps=0,
+    rows = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["broken", "uniform"], [], episodes=1, finetune_steps=0,
                         out=out, env_kwargs=tiny_gym_kwargs, progress=False)
     by = {r["method"]: r for r in rows}
     assert by["broken"]["status"] == "error" and "planned failure" in by["broken"]["error"]
@@ -90,7 +90,7 @@ def test_an_older_results_csv_gets_the_new_columns(tmp_path):
 
 def test_device_conflicts_and_missing_gpus_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="differs"):
-        bm.benchmark("ChannelPrune-ResNet20", [0.6], ["uniform"], [], episodes=1, finetune_steps=0,
+        bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform"], [], episodes=1, finetune_steps=0,
                      out=tmp_path / "a", env_kwargs={"device": "cpu"}, device="cuda")
     with pytest.raises(SystemExit):
         bm.main(["--baselines", "uniform", "--device", "cpu", "--env-kwargs", "device=cuda", "--out",
@@ -98,7 +98,7 @@ def test_device_conflicts_and_missing_gpus_are_clear_errors(tmp_path):
     if torch.cuda.is_available():
         return
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        bm.benchmark("ChannelPrune-ResNet20", [0.6], ["uniform"], [], episodes=1, finetune_steps=0,
+        bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform"], [], episodes=1, finetune_steps=0,
                      out=tmp_path / "c", device="cuda")
     assert not (tmp_path / "c").exists()  # nothing written
     with pytest.raises(SystemExit):

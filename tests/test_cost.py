@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from envs.cost import (
-    compare_latency, count_flops, count_macs, count_macs_per_module, count_params, measure_latency,
+    compare_latency,
+    count_flops,
+    count_macs,
+    count_macs_per_module,
+    count_params,
+    measure_latency,
 )
 from envs.models import build_model
 

@@ -39,7 +39,7 @@ def small_splits(data: DatasetSplits, train: int = 512, other: int = 64) -> Data
 
 def shrink_eval(env: ChannelPruneEnv, reward: int = 32, calib: int = 32) -> ChannelPruneEnv:
     """Evaluate episodes on a few images: give ``env`` its own DatasetSplits with short reward / calib splits."""
-    env.data = dataclasses.replace(env.data, reward=_cut(env.data.reward, reward),
+    env.problem.data = dataclasses.replace(env.data, reward=_cut(env.data.reward, reward),
                                    calib=_cut(env.data.calib, calib))
     return env
 
@@ -47,9 +47,9 @@ def shrink_eval(env: ChannelPruneEnv, reward: int = 32, calib: int = 32) -> Chan
 def skip_evaluation(monkeypatch, env: ChannelPruneEnv) -> None:
     """Budget tests only read the costs in the final info (computed from the kept counts, not from the pruned net,
     whose exact costs ``test_groups`` checks): skip building and evaluating the pruned network."""
-    monkeypatch.setattr(env, "build_pruned", lambda *a, **k: nn.Identity())
-    monkeypatch.setattr(env, "recalibrate_bn", lambda model: None)
-    monkeypatch.setattr(env, "evaluate", lambda model, split="reward": (0.0, 0.0))
+    monkeypatch.setattr(env.problem, "build_pruned", lambda *a, **k: nn.Identity())
+    monkeypatch.setattr(env.problem, "recalibrate_bn", lambda model: None)
+    monkeypatch.setattr(env.problem, "evaluate", lambda model, split="reward": (0.0, 0.0))
 
 
 def run_episode(env, actions=None, seed: int = 0):
@@ -110,16 +110,16 @@ def run_checkers(make, render: bool = True) -> tuple[gym.Env, list[str]]:
 @pytest.mark.parametrize("mode", ["static", "runtime"])
 def test_env_checkers_pass_without_warnings(tiny_gym_kwargs, mode):
     # With a spec, Gymnasium's checker also re-makes the env in every render mode and renders it.
-    env, caught = run_checkers(lambda: gym.make("ChannelPrune-ResNet20", mode=mode, **tiny_gym_kwargs))
+    env, caught = run_checkers(lambda: gym.make("ChannelPrune-ResNet20-v0", mode=mode, **tiny_gym_kwargs))
     assert caught == []
     assert env.observation_space.contains(run_episode(shrink_eval(env.unwrapped))[-1][0])
 
 
 @pytest.mark.parametrize("env_id", [
-    "ChannelPrune-ResNet18",
-    "ChannelPrune-VGG16",
-    "ChannelPrune-ResNet56",
-    "ChannelPrune-MobileNetV2",
+    "ChannelPrune-ResNet18-v0",
+    "ChannelPrune-VGG16-v0",
+    "ChannelPrune-ResNet56-v0",
+    "ChannelPrune-MobileNetV2-v0",
 ])
 def test_every_registered_id_passes_checkers(tiny_setup, env_id):
     # A width-0.25 checkpoint trained for one epoch on 512 images (seconds), cut-down splits, 2 channels per group
@@ -131,10 +131,10 @@ def test_every_registered_id_passes_checkers(tiny_setup, env_id):
         env, caught = run_checkers(lambda mode=mode: gym.make(env_id, mode=mode, **kwargs))
         assert caught == []
         u = env.unwrapped
-        assert u.model_name == envs.ENV_IDS[env_id][0]
+        assert u.problem.model_name == envs.ENV_IDS[env_id]["model"]
         steps = run_episode(env)
         info = steps[-1][2]
-        assert len(steps) - 1 == u.n_groups <= env.spec.max_episode_steps
+        assert len(steps) - 1 == u.n_groups and env.spec.max_episode_steps is None
         assert info["flops_ratio"] <= 0.5 + 1e-9 and info["effective_flops_ratio"] <= 0.5 + 1e-9
         # the network the info describes: its measured MACs (runtime: the sparse executor, whose logits equal the
         # dense masked execution's) are the reported ones
@@ -148,12 +148,31 @@ def test_every_registered_id_passes_checkers(tiny_setup, env_id):
             torch.testing.assert_close(sparse(x), u.build_pruned(kept, rt)(x), rtol=1e-4, atol=1e-5)
 
 
+def test_generic_id_runs_a_longer_model_to_the_end_and_old_names_still_resolve(tiny_setup):
+    # ChannelPrune-v0 takes any model; ResNet-56 has 30 groups, more than the default ResNet-18's 12: the episode
+    # is never truncated (no TimeLimit), it terminates after the last group with the final reward.
+    data = small_splits(tiny_setup[1])
+    kwargs = dict(width=0.25, pretrain_epochs=1, pretrain_max_train=512, data=data, importance_samples=2,
+                  progress=False, scorer="l1")
+    env = gym.make("ChannelPrune-v0", model="resnet56", **kwargs)
+    steps = run_episode(env)
+    assert len(steps) - 1 == env.unwrapped.n_groups == 30
+    _, reward, info = steps[-1]
+    assert reward == info["accuracy"] > 0 and "TimeLimit" not in str(env)
+    with pytest.warns(UserWarning, match="latest versioned"):  # Gymnasium's alias: the unversioned name -> v0
+        old = gym.make("ChannelPrune-ResNet56", **kwargs)
+    assert old.spec.id == "ChannelPrune-ResNet56-v0" and old.unwrapped.n_groups == 30
+    assert envs.resolve_env_id("ChannelPrune-ResNet56") == "ChannelPrune-ResNet56-v0"
+    with pytest.raises(ValueError, match="ChannelPrune-v0"):
+        envs.resolve_env_id("CartPole-v1")
+
+
 def test_resnet20_checkers_with_every_reward_and_penalty_mode(tiny_gym_kwargs):
     # (internal_only changes the groups, hence the learned predictor's cache key: the L1 scorer avoids a refit)
     for kwargs in (dict(reward="acc_flops"), dict(reward="relative_ce"), dict(budget_mode="penalty"),
                    dict(target="params"), dict(internal_only=True, scorer="l1"),
                    dict(mode="runtime", storage_budget=0.6)):
-        env, caught = run_checkers(lambda kw=kwargs: gym.make("ChannelPrune-ResNet20", **tiny_gym_kwargs, **kw),
+        env, caught = run_checkers(lambda kw=kwargs: gym.make("ChannelPrune-ResNet20-v0", **tiny_gym_kwargs, **kw),
                                    render=False)
         assert caught == [], kwargs
 
@@ -184,13 +203,13 @@ def test_pickle_mid_episode_restarts_cleanly(make_env):
 
 @pytest.mark.parametrize("vectorization_mode", ["sync", "async"])
 def test_make_vec_runs_episodes(tiny_gym_kwargs, vectorization_mode):
-    venv = gym.make_vec("ChannelPrune-ResNet20", num_envs=2, vectorization_mode=vectorization_mode,
+    venv = gym.make_vec("ChannelPrune-ResNet20-v0", num_envs=2, vectorization_mode=vectorization_mode,
                         **tiny_gym_kwargs)
     try:
         obs, _ = venv.reset(seed=0)
         assert obs.shape == (2, 23) and obs.dtype == np.float32
         venv.action_space.seed(0)
-        n = envs.ENV_IDS["ChannelPrune-ResNet20"][1]
+        n = venv.get_attr("n_groups")[0]
         for t in range(n):
             obs, reward, terminated, truncated, info = venv.step(venv.action_space.sample())
             assert obs.shape == (2, 23)
@@ -279,11 +298,11 @@ def test_wall_never_exceeds_budget(make_env, monkeypatch, kwargs):
 
 def _latency_episodes(env, monkeypatch, budget: float, episodes: int = 30) -> float:
     skip_evaluation(monkeypatch, env)
-    full = env.latency_table.predict(env.k_full)
+    full = env.cost.latency_table.predict(env.cost.k_full)
     worst = 0.0
     for ep in range(episodes):
         info = run_episode(env, seed=ep)[-1][2]
-        assert info["latency_ratio"] == pytest.approx(env.latency_table.predict(info["kept_counts"]) / full)
+        assert info["latency_ratio"] == pytest.approx(env.cost.latency_table.predict(info["kept_counts"]) / full)
         worst = max(worst, info["latency_ratio"])
     assert worst <= budget * (1 + 1e-9)
     return worst
@@ -312,7 +331,7 @@ def test_real_episodes_within_budget(make_env, mode):
     """The full path (physical pruning, BN recalibration, evaluation): the pruned network's measured MACs (static:
     the pruned net; runtime: the sparse executor, gates included) and parameters match the info and the budget."""
     env = shrink_eval(make_env(mode=mode, budget=0.4))
-    x = env.example_input
+    x = env.problem.example_input
     base_macs, base_params = count_macs(env.base_model, x), count_params(env.base_model)
     for ep in range(4):
         info = run_episode(env, seed=ep)[-1][2]
@@ -494,14 +513,14 @@ def test_derive_keeps_settings_and_swaps_the_model(make_env):
             p.mul_(0.5)
     env2 = env.derive(model=tuned, scorer="l1")
     assert env2.budget == 0.4 and env2.round_to == 2 and env2.n_groups == env.n_groups
-    assert env2.base_model is tuned and env2.scorer.name == "l1"
+    assert env2.base_model is tuned and env2.problem.scorer.name == "l1"
 
 
 @pytest.mark.skipif(not backend("cpu").bf16, reason="no fast, safe bf16 on this CPU")
 def test_bf16_evaluation_tracks_fp32_and_leaves_the_model_contiguous(make_env):
     """The default evaluator (channels-last, bf16 autocast) ranks like exact fp32 and hands the model back as given."""
     fast, exact = make_env(eval_precision="auto"), make_env(eval_precision="fp32")
-    assert fast.eval_precision == "bf16" and exact.eval_precision == "fp32"
+    assert fast.problem.eval_precision == "bf16" and exact.problem.eval_precision == "fp32"
     for ratio in (1.0, 0.6, 0.3):
         kept = [max(1, round(ratio * g.num_channels)) for g in exact.groups]
         net = exact.build_pruned(kept, kept)

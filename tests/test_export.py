@@ -1,4 +1,5 @@
-"""envs.export (physical export of a plan) and envs.finetune (the common fine-tuning recipe), on the tiny env."""
+"""envs.export (physical export of a plan), its CLI baselines.experiments.export and envs.finetune (the common
+fine-tuning recipe), on the tiny env."""
 
 from __future__ import annotations
 
@@ -10,11 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from baselines.experiments.export import export_baseline, main
 from envs.channel_prune import ChannelPruneEnv
 from envs.data import Split
 from envs.export import (
-    CONFIG_FILE, ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, channel_config, export_baseline, export_policy,
-    export_pruned, load_exported, load_policy, main, rebuild, replay,
+    CONFIG_FILE,
+    ONNX_FILE,
+    REPORT_FILE,
+    WEIGHTS_FILE,
+    channel_config,
+    export_policy,
+    export_pruned,
+    load_exported,
+    load_policy,
+    rebuild,
+    replay,
 )
 from envs.finetune import finetune
 from envs.models import build_model
@@ -111,7 +122,7 @@ def test_onnx_matches_torch(make_env, tmp_path):
 
 def test_export_policy_file_ratios_and_counts(make_env, tmp_path):
     env = make_env(budget=0.5)
-    policy = {"env_id": "ChannelPrune-ResNet20", "env_kwargs": {"width": 0.5, "budget": 0.5},
+    policy = {"env_id": "ChannelPrune-ResNet20-v0", "env_kwargs": {"width": 0.5, "budget": 0.5},
               "keep_ratios": PLAN, "min_keep": env.min_keep}
     path = tmp_path / "best.json"
     path.write_text(json.dumps(policy))
@@ -139,7 +150,7 @@ def test_export_policy_file_ratios_and_counts(make_env, tmp_path):
 
 def test_cli_policy_builds_env_from_id(tiny_setup, tmp_path, capsys):
     ckpt, _ = tiny_setup
-    policy = {"env_id": "ChannelPrune-ResNet20", "env_kwargs": {"width": 0.5, "budget": 0.5, "reward_size": 500,
+    policy = {"env_id": "ChannelPrune-ResNet20-v0", "env_kwargs": {"width": 0.5, "budget": 0.5, "reward_size": 500,
                                                                 "calib_size": 256}, "keep_ratios": PLAN}
     path = tmp_path / "best.json"
     path.write_text(json.dumps(policy))
@@ -156,7 +167,7 @@ def test_cli_policy_builds_env_from_id(tiny_setup, tmp_path, capsys):
 
 def test_cli_device_errors(tiny_setup, tmp_path, capsys):
     ckpt, _ = tiny_setup
-    args = ["--baseline", "uniform", "--env", "ChannelPrune-ResNet20", "--out", str(tmp_path / "m"), "--no-test",
+    args = ["--baseline", "uniform", "--env", "ChannelPrune-ResNet20-v0", "--out", str(tmp_path / "m"), "--no-test",
             "--no-onnx", "--latency-repeats", "0", "--quiet"]
     assert main(args + ["--device", "cpu", "--env-kwargs", "device=cuda"]) == 2
     assert "differs" in capsys.readouterr().err
@@ -170,7 +181,7 @@ def test_cli_device_errors(tiny_setup, tmp_path, capsys):
 
 def test_export_baseline_plan(make_env, tmp_path):
     env = make_env(budget=0.5)
-    rep = export_baseline("uniform", "ChannelPrune-ResNet20", tmp_path, env=env, **FAST)
+    rep = export_baseline("uniform", "ChannelPrune-ResNet20-v0", tmp_path, env=env, **FAST)
     assert rep["source"]["baseline"] == "uniform"
     assert rep["reward_accuracy"] == rep["env_accuracy"]
     assert rep["flops_ratio"] <= 0.5 + 1e-9
@@ -227,7 +238,7 @@ def test_bad_inputs_give_clear_errors(make_env, tmp_path, capsys):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_policy(bad)
-    bad.write_text(json.dumps({"env_id": "ChannelPrune-ResNet20"}))
+    bad.write_text(json.dumps({"env_id": "ChannelPrune-ResNet20-v0"}))
     with pytest.raises(ValueError, match="kept_counts' or 'keep_ratios"):
         load_policy(bad)
     bad.write_text(json.dumps({"keep_ratios": PLAN}))
@@ -236,7 +247,7 @@ def test_bad_inputs_give_clear_errors(make_env, tmp_path, capsys):
     with pytest.raises(ValueError, match="env_id='NoSuchEnv-v0'"):
         export_policy({"env_id": "NoSuchEnv-v0", "keep_ratios": PLAN}, tmp_path / "o")
     # unknown baseline (checked before any env is built)
-    assert main(["--baseline", "no-such-method", "--env", "ChannelPrune-ResNet20", "--out", str(tmp_path)]) == 2
+    assert main(["--baseline", "no-such-method", "--env", "ChannelPrune-ResNet20-v0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown baseline 'no-such-method'" in err and "uniform" in err
     assert main(["--baseline", "uniform", "--out", str(tmp_path)]) == 2

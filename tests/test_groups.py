@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import masked_forward
 from torch import nn
 
-from conftest import masked_forward
 from envs.cost import count_macs, count_params
 from envs.groups import GroupGraph, UnsupportedModelError, keep_count
 from envs.models import build_model

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.channel_prune import run_actions
+from envs.episodes import run_actions
 from envs.machine import backend, resolve_device
 from envs.paths import CACHE_ENV
 

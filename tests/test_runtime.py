@@ -51,7 +51,7 @@ def module_macs(counts: dict, name: str, batch: int) -> dict[str, float]:
 
 def test_effective_flops_below_static_when_runtime_ratio_below_one(make_env):
     env = make_env(mode="runtime", budget=1.0)
-    env.data = dataclasses.replace(env.data, reward=_cut(env.data.reward, 32), calib=_cut(env.data.calib, 32))
+    env.problem.data = dataclasses.replace(env.data, reward=_cut(env.data.reward, 32), calib=_cut(env.data.calib, 32))
     env.reset(seed=0)
     ratios = []
     for _ in range(env.n_groups):
@@ -74,7 +74,7 @@ def test_learned_gate_beats_random_gates(make_env, monkeypatch):
     learned gate keeps more accuracy than gates with random weights of the same shapes. Evaluated with the base
     model's BN statistics, so that only the gate's choice differs."""
     env = make_env(mode="runtime", budget=1.0)
-    kept = list(env.k_full)
+    kept = list(env.cost.k_full)
     rt = half_runtime(env, kept)
 
     def accuracy() -> float:
@@ -97,7 +97,7 @@ def test_learned_gate_beats_random_gates(make_env, monkeypatch):
 def test_sparse_executor_matches_dense_and_counts_effective_macs(make_env):
     env = make_env(mode="runtime", budget=1.0)
     rng = np.random.default_rng(0)
-    kept = [int(rng.integers(k // 2, k + 1)) for k in env.k_full]  # static pruning too
+    kept = [int(rng.integers(k // 2, k + 1)) for k in env.cost.k_full]  # static pruning too
     rt = half_runtime(env, kept)
     dense, sparse = env.build_pruned(kept, rt), env.build_pruned(kept, rt, sparse=True)
     x = env.data.reward.x[:16]
@@ -115,7 +115,7 @@ def test_sparse_executor_matches_dense_and_counts_effective_macs(make_env):
     static = count_macs_per_module(env.build_pruned(kept, list(kept)), x[:1])
     conv_op, gate_op = "aten.convolution", "aten.addmm"
     checked = 0
-    for i, v in enumerate(env.gate_layout):
+    for i, v in enumerate(env.problem.gate_layout):
         if not env.gated[i]:
             continue
         _, prod, _, cons = v
@@ -129,7 +129,7 @@ def test_sparse_executor_matches_dense_and_counts_effective_macs(make_env):
         checked += 1
     assert checked == sum(env.gated) == 9
     total = sum(counts["Global"].values()) / 2 / len(x)
-    assert total == env._effective_macs(kept, rt)
+    assert total == env.cost.effective_macs(kept, rt)
     assert total < sum(static.values())
 
 
@@ -261,7 +261,7 @@ def test_predictor_quality_report(make_env):
     # the runtime gate ranks each input's channels better than one dataset-wide ranking can
     assert rep["runtime_spearman_per_input"] > rep["runtime_spearman_static_ranking"] + 0.2
     # and the reported figure is what the gates achieve on the calibration split
-    data = importance._collect_gate_data(env.base_model, env.graph, env.data.calib.x[:64])
+    data = importance.collect_gate_data(env.base_model, env.graph, env.data.calib.x[:64])
     rhos = []
     for i, (xin, sal) in data.items():
         pred = xin @ env.predictors.gates[f"gate{i}.weight"].T + env.predictors.gates[f"gate{i}.bias"]

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import masked_forward
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import masked_forward
 from envs.channel_prune import ChannelPruneEnv
 from envs.cost import count_macs
 from envs.data import DatasetSplits, Split

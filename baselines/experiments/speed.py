@@ -1,7 +1,7 @@
 """Speed benchmark of the environment (``make bench``; numbers go to the README).
 
-    python -m envs.bench --env ChannelPrune-ResNet18 --budget 0.5 --episodes 5 --memory-episodes 300 \\
-        [--device auto|cpu|cuda|cuda:N]
+    python -m baselines.experiments.speed --env ChannelPrune-ResNet18-v0 --budget 0.5 --episodes 5 \\
+        --memory-episodes 300 [--device auto|cpu|cuda|cuda:N]
 
 Prints, for one fixed plan (uniform keep ratios fitted to the budget):
 
@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401 - registers the ids
-from envs.channel_prune import run_actions
+from baselines import make_baseline
+from envs.cli import parse_key_values
+from envs.episodes import run_actions
 from envs.machine import backend, resolve_device
 
 
@@ -46,8 +48,6 @@ def _rss_mb() -> float:
 
 
 def _uniform_actions(env) -> list[np.ndarray]:
-    from baselines import make_baseline
-
     b = make_baseline("uniform", env).setup()
     return [b.action_for_step(t) for t in range(env.n_groups)]
 
@@ -158,8 +158,9 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="ChannelPrune-ResNet18")
+    p = argparse.ArgumentParser(prog="python -m baselines.experiments.speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="ChannelPrune-ResNet18-v0")
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--episodes", type=int, default=5, help="timed repeats (median)")
     p.add_argument("--memory-episodes", type=int, default=300)
@@ -168,14 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
-    import yaml
-
-    kwargs = {}
-    for kv in args.env_kwargs:
-        if "=" not in kv:
-            raise SystemExit(f"--env-kwargs entries look like key=value; got {kv!r}")
-        k, v = kv.split("=", 1)
-        kwargs[k] = yaml.safe_load(v)
+    try:
+        kwargs = parse_key_values(args.env_kwargs, "--env-kwargs")
+    except ValueError as exc:
+        p.error(str(exc))
     if args.device is not None:
         if "device" in kwargs and str(kwargs["device"]) != args.device:
             p.error(f"--device {args.device} differs from --env-kwargs device={kwargs['device']}; give one")

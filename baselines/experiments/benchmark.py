@@ -1,6 +1,6 @@
 """Benchmark: every scripted baseline and every learned agent on the same env, budgets, reward split and evaluator.
 
-    python -m baselines.benchmark --env ChannelPrune-ResNet18 --budgets 0.3 0.5 0.7 --baselines all \\
+    python -m baselines.experiments.benchmark --env ChannelPrune-ResNet18-v0 --budgets 0.3 0.5 0.7 --baselines all \\
         --agents ppo ddpg --episodes 30 --finetune-steps 100 --out results/ [--device auto|cpu|cuda|cuda:N]
 
 For each budget and method: the method plans its keep ratios in the env (baselines: ``prepare`` + ``plan``;
@@ -37,10 +37,11 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-import yaml
 
 import envs  # noqa: F401 - registers the ids
+from envs.cli import parse_key_values
 from envs.cost import compare_latency, measure_latency
+from envs.episodes import run_episode
 from envs.machine import backend, resolve_device
 
 FIELDS = [
@@ -50,16 +51,6 @@ FIELDS = [
     "device", "machine", "cpu_machine",
 ]
 LATENCY_BATCH = 64
-
-
-def parse_kv(items: list[str]) -> dict:
-    out = {}
-    for kv in items:
-        if "=" not in kv:
-            raise ValueError(f"--env-kwargs entries look like key=value; got {kv!r}")
-        k, v = kv.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -89,13 +80,7 @@ def _append_row(path: Path, row: dict) -> None:
 
 def run_policy(env, policy) -> dict:
     """One deterministic episode of ``policy`` (SB3 predict) in ``env``; returns the final info."""
-    obs, _ = env.reset(seed=0)
-    info: dict = {}
-    while True:
-        action, _ = policy.predict(obs, deterministic=True)
-        obs, _, term, trunc, info = env.step(action)
-        if term or trunc:
-            return info
+    return run_episode(env, policy, seed=0)[1]
 
 
 def machines(device) -> dict:
@@ -108,7 +93,7 @@ def machines(device) -> dict:
 def plan_latency(env, static) -> dict:
     """Batch-64 latency of the exported net ``static`` vs the unpruned net, alternately: on the CPU, and on the
     env's device too when that is a GPU."""
-    shape = tuple(env.example_input.shape[1:])
+    shape = tuple(env.problem.example_input.shape[1:])
     lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device="cpu")
     out = {"latency_b64_ms": 1000 * lat, "speedup_b64": base_lat / lat}
     if env.device.type == "cuda":
@@ -183,7 +168,7 @@ def benchmark(
         env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
         where = machines(env.device)
         if ("unpruned", 1.0) not in done:
-            shape = tuple(env.example_input.shape[1:])
+            shape = tuple(env.problem.example_input.shape[1:])
             base_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device="cpu")
             lat = {"latency_b64_ms": 1000 * base_lat, "speedup_b64": 1.0}
             if env.device.type == "cuda":
@@ -353,8 +338,9 @@ def plot_reward_curves(agents_dir: Path, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from baselines import available
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="ChannelPrune-ResNet18")
+    p = argparse.ArgumentParser(prog="python -m baselines.experiments.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="ChannelPrune-ResNet18-v0")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5])
     p.add_argument("--baselines", nargs="*", default=["all"], help="names, or 'all'")
     p.add_argument("--agents", nargs="*", default=["ppo"])
@@ -373,10 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in available()]
     if unknown:
         p.error(f"unknown baselines {unknown}; available: {', '.join(available())}")
-    if args.env not in gym.registry:
-        p.error(f"unknown env {args.env!r}; registered: {', '.join(envs.ENV_IDS)}")
-    runs = dict(kv.split("=", 1) for kv in args.agent_runs)
-    env_kwargs = parse_kv(args.env_kwargs)
+    try:
+        args.env = envs.resolve_env_id(args.env)
+    except ValueError as exc:
+        p.error(str(exc))
+    try:
+        runs = parse_key_values(args.agent_runs, "--agent-runs", raw=True)  # values are run directories
+        env_kwargs = parse_key_values(args.env_kwargs, "--env-kwargs")
+    except ValueError as exc:
+        p.error(str(exc))
     if args.device is not None and "device" in env_kwargs and str(env_kwargs["device"]) != args.device:
         p.error(f"--device {args.device} differs from --env-kwargs device={env_kwargs['device']}; give one")
     try:

@@ -1,4 +1,4 @@
-"""`make demo`: from nothing to the benchmark table and plots for ChannelPrune-ResNet18 at 50% FLOPs.
+"""`make demo`: from nothing to the benchmark table and plots for ChannelPrune-ResNet18-v0 at 50% FLOPs.
 
 Stages (each timed; the times are written to ``<out>/stages.json`` and printed):
 
@@ -47,7 +47,7 @@ def main() -> int:
     t1 = time.perf_counter()
     import envs  # noqa: F401
 
-    env = gym.make("ChannelPrune-ResNet18", budget=0.5, device=device).unwrapped
+    env = gym.make("ChannelPrune-ResNet18-v0", budget=0.5, device=device).unwrapped
     stages["2_env_and_predictors_s"] = time.perf_counter() - t1
     if env.predictors is not None:
         print(f"[demo] importance predictors: {json.dumps(env.predictors.report)}", file=sys.stderr)
@@ -55,10 +55,10 @@ def main() -> int:
 
     t2 = time.perf_counter()
     from baselines import available
-    from baselines.benchmark import benchmark
+    from baselines.experiments.benchmark import benchmark
 
     names = os.environ.get("DEMO_BASELINES", "").split() or available()
-    rows = benchmark("ChannelPrune-ResNet18", [0.5], names, agents, episodes, ft_steps, out, device=device)
+    rows = benchmark("ChannelPrune-ResNet18-v0", [0.5], names, agents, episodes, ft_steps, out, device=device)
     stages["3_benchmark_s"] = time.perf_counter() - t2
     stages["total_s"] = time.perf_counter() - t0
     (out / "stages.json").write_text(json.dumps({**stages, "test_accuracy_unpruned": meta["test_accuracy"],

@@ -1,0 +1,54 @@
+"""Random search at equal evaluations: the control every learned allocation is compared against.
+
+Li, Y., Lin, S., Zhang, B., Liu, J., Doermann, D., Wu, Y., Huang, F., Ji, R. "EagleEye: Fast Sub-net Evaluation
+for Efficient Neural Network Pruning", ECCV 2020. EagleEye shows that random pruning strategies, scored by a cheap
+BN-recalibrated accuracy, find allocations as good as learned ones. Its candidate generation:
+
+    repeat until N candidates:
+        r_l ~ U(min_keep, 1) for every layer l                    (random per-layer keep ratios)
+        reject the plan unless its FLOPs are within tolerance of the target (EagleEye: 0.5%)
+        score it: recalibrate BN statistics on a few training batches ("adaptive BN"), accuracy on held-out data
+    return the best-scoring plan
+
+Here a drawn plan is brought to the budget by one common scale factor (``fit_to_budget``) before the check, so
+almost every draw is accepted instead of rejecting most of them; the score is the env's own evaluator (BN
+recalibrated on the calibration split, accuracy on the reward split: the selection split, never the test split).
+``samples`` (N) should equal the number of episodes the agents it is compared with ran; at most ``20 * samples``
+draws are made. Deviations: uniform draws in ``[min_keep, 1]`` rather than EagleEye's ``[0, R]``; static ratios
+only (runtime ratios stay 1, as for every static baseline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Baseline, fit_to_budget, register
+
+DEFAULT_SAMPLES = 30
+TOLERANCE = 0.005  # EagleEye's: a candidate's cost within 0.5% of the target
+
+
+@register("random_search")
+class RandomSearch(Baseline):
+    def plan(self) -> np.ndarray:
+        env = self.eval_env
+        samples = int(self.options.get("samples", DEFAULT_SAMPLES))
+        if samples < 1:
+            raise ValueError(f"samples={samples!r} must be a positive integer (the number of plans evaluated)")
+        cost = env.cost
+        self.history: list[dict] = []  # every evaluated candidate: its plan, cost ratio and reward-split accuracy
+        draws = 0
+        while len(self.history) < samples and draws < 20 * samples:
+            draws += 1
+            plan = fit_to_budget(env, self.rng.uniform(env.min_keep, 1.0, size=env.n_groups))
+            ratio = cost.plan_cost(plan)
+            if abs(ratio - env.budget) > TOLERANCE * env.budget:
+                continue
+            result = env.problem.evaluate_plan(*cost.plan_counts(plan), split="reward")
+            self.history.append({"plan": plan, "cost_ratio": ratio, "reward_accuracy": result["accuracy"]})
+        if not self.history:
+            raise ValueError(f"random_search: none of {draws} random plans came within {TOLERANCE:.1%} of "
+                             f"budget={env.budget}; the budget is out of reach of this network's channel counts")
+        self.draws = draws
+        best = max(self.history, key=lambda h: h["reward_accuracy"])  # first of equals: deterministic
+        return best["plan"]
