@@ -81,6 +81,12 @@ class Baseline:
         """Keep ratio per group, shape (n_groups,)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def own_network(self) -> tuple[nn.Module, Callable[[nn.Module, str], dict]] | None:
+        """For a method that runs its own network rather than a plan of the env (Channel Gating's activation-level
+        gates): the network, BN recalibrated, and ``measure(net, split)`` giving its ``accuracy`` and
+        ``effective_flops_ratio`` there. None (the default): the method is its plan."""
+        return None
+
     # -- shared
     def setup(self) -> "Baseline":
         """Run ``prepare`` and ``plan`` once, timing them (process CPU time and wall-clock time)."""

@@ -49,6 +49,6 @@ class RandomSearch(Baseline):
         if not self.history:
             raise ValueError(f"random_search: none of {draws} random plans came within {TOLERANCE:.1%} of "
                              f"budget={env.budget}; the budget is out of reach of this network's channel counts")
-        self.draws = draws
+        self.draws, self.evaluations = draws, len(self.history)
         best = max(self.history, key=lambda h: h["reward_accuracy"])  # first of equals: deterministic
         return best["plan"]

@@ -30,10 +30,11 @@ Details and deviations:
   images from the training split, Adam with lr 0.05, sized so ResNet-18 stays within ~3 minutes on 2 cores;
   ``steps=`` runs longer. The betas are cached per checkpoint, steps and settings (``<checkpoint>.scop-....pt``,
   loaded with ``weights_only=True``), or in memory (keyed by a hash of the weights) without a checkpoint file.
-* Ratios: one global threshold on the scores (Network-Slimming style: per group, the fraction of channels above
-  it, at least ``min_keep``), lowered as far as the budget allows, then ``fit_to_budget`` scales the plan so it
-  meets the budget as closely as channel rounding permits. The paper prunes a fixed fraction of every layer;
-  the global threshold lets the scores decide the per-layer ratios, which is what the env's comparison is about.
+* Ratios: by default the paper's, one keep ratio for every layer (``allocation="uniform"``, fitted to the
+  budget), the SCOP scores choosing which channels each layer keeps. ``allocation="global"`` instead puts one
+  global threshold on the scores (Network-Slimming style: per group, the fraction of channels above it, at least
+  ``min_keep``), lowered as far as the budget allows, then ``fit_to_budget`` scales the plan to the budget: the
+  scores then also decide the per-layer ratios (a deviation; the default before 2026-11-25).
 * Device: the mixing factors are learned on the env's device (a copy of the network and the batches are moved
   there); batch indices and knockoffs are drawn on the CPU from the seeded generator, so the batches are the same
   on every device; the betas come back as CPU tensors.
@@ -275,7 +276,8 @@ def threshold_plan(env: ChannelPruneEnv, scores: list[np.ndarray], budget: float
 
 @register("scop")
 class SCOP(Baseline):
-    """Options: ``steps`` (150), ``batch_size`` (32), ``lr`` (0.05), ``max_dim`` (256), ``progress`` (True)."""
+    """Options: ``steps`` (150), ``batch_size`` (32), ``lr`` (0.05), ``max_dim`` (256), ``progress`` (True),
+    ``allocation`` ("uniform": the paper's one rate for every layer; "global": one threshold on the scores)."""
 
     def prepare(self) -> ChannelPruneEnv:
         o = self.options
@@ -287,4 +289,9 @@ class SCOP(Baseline):
 
     def plan(self) -> np.ndarray:
         env = self.eval_env
-        return fit_to_budget(env, threshold_plan(env, env.static_scores))
+        allocation = self.options.get("allocation", "uniform")
+        if allocation == "uniform":
+            return fit_to_budget(env, np.ones(env.n_groups))
+        if allocation == "global":
+            return fit_to_budget(env, threshold_plan(env, env.static_scores))
+        raise ValueError(f"allocation={allocation!r} is not allowed; allowed: uniform, global")

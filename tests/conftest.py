@@ -120,3 +120,24 @@ def tiny_gym_kwargs(tiny_setup):
     """kwargs for ``gym.make("ChannelPrune-ResNet20-v0", **kwargs)`` on the tiny model."""
     ckpt, data = tiny_setup
     return dict(width=0.5, checkpoint=ckpt, data=data, progress=False)
+
+
+def assert_plan_follows(baseline, statistic) -> dict:
+    """Check a baseline's *plan*, not the env's budget wall (which holds whatever the plan): played through its
+    eval env, nothing is clamped and the applied channel counts are the plan's; and the plan is ``statistic``
+    (clipped to [min_keep, 1]) times one common scale, entries clipped at min_keep or 1 aside. Returns the info."""
+    import numpy as np
+
+    from envs.episodes import run_episode
+
+    env = baseline.setup().eval_env
+    info = run_episode(env, baseline)[1]
+    assert info["clamp_total"] == 0.0
+    assert info["kept_counts"] == env.cost.plan_counts(baseline.ratios)[0]
+    r = np.asarray(baseline.ratios, dtype=np.float64)
+    stat = np.clip(np.asarray(statistic, dtype=np.float64), env.min_keep, 1.0)
+    free = (r > env.min_keep + 1e-9) & (r < 1.0 - 1e-9)
+    assert free.sum() >= 2, "too few unclipped groups for the common-scale check to mean anything"
+    scale = r[free] / stat[free]
+    np.testing.assert_allclose(scale, scale[0], rtol=1e-9)
+    return info

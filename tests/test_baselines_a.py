@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_plan_follows
 from stable_baselines3.common.evaluation import evaluate_policy
 from torch import nn
 
@@ -16,6 +17,7 @@ from baselines.base import cost_of_ratios, on_device
 from baselines.neuron_merging import merge_compensation, merge_pairs
 from baselines.pfp import find_eps, pfp_sensitivities, relative_contributions
 from baselines.scop import GaussianKnockoffs, gamma_magnitudes, learn_betas, scop_scores
+from envs.episodes import run_episode
 from envs.groups import GroupGraph
 
 
@@ -91,6 +93,28 @@ def test_random_search_keeps_the_best_of_n_budget_fitted_plans_by_reward_accurac
     np.testing.assert_array_equal(again.ratios, rs.ratios)
     with pytest.raises(ValueError, match="samples"):
         make_baseline("random_search", env, samples=0).setup()
+
+
+def test_uniform_l1_and_random_plans_are_their_statistic_at_one_scale(make_env):
+    env = make_env(budget=0.5)
+    n = env.n_groups
+    uniform = make_baseline("uniform", env)
+    assert_plan_follows(uniform, np.ones(n))  # one keep ratio for every group
+    assert uniform.eval_env is env  # the env's own (learned) channel order
+    l1 = make_baseline("l1", env)
+    assert_plan_follows(l1, np.ones(n))
+    # l1 keeps, in every group, the channels with the largest summed L1 filter norms
+    from envs.importance import ImportanceContext, weight_norms
+
+    norms = weight_norms(ImportanceContext(env.base_model, env.graph, env.data.calib))
+    for i, keep in enumerate(l1.eval_env.kept_channels(l1.eval_env.cost.plan_counts(l1.ratios)[0])):
+        dropped = np.setdiff1d(np.arange(len(norms[i])), keep)
+        if len(dropped):
+            assert norms[i][keep].min() >= norms[i][dropped].max()
+    rnd = make_baseline("random", env, seed=5)
+    draw = np.random.default_rng(5).uniform(env.min_keep, 1.0, size=n)
+    assert_plan_follows(rnd, draw)  # i.i.d. uniform ratios, one scale to the budget
+    assert not np.allclose(rnd.setup().ratios, make_baseline("random", env, seed=6).setup().ratios)
 
 
 # ============================================================================================ neuron merging
@@ -269,7 +293,6 @@ def test_pfp_keeps_the_most_sensitive_channels(make_env):
         assert set(top.tolist()) == set(k.tolist())
         if len(k) < len(s):  # every kept channel is at least as sensitive as every removed one
             assert s[k].min() >= np.delete(s, k).max()
-    assert b.eps > 0
 
 
 # ============================================================================================ SCOP
@@ -336,6 +359,62 @@ def test_scop_betas_deterministic_for_a_seed(make_env):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     assert all(torch.equal(v, env.base_model.state_dict()[k]) for k, v in before.items())  # base untouched
+
+
+class RealDataAsKnockoffs:
+    """Draws exactly the batches learn_betas draws (same seed, same calls): every 'knockoff' is the real image."""
+
+    def __init__(self, data, seed: int):
+        self.data, self.gen = data, torch.Generator().manual_seed(seed)
+
+    def sample(self, n: int, _gen) -> torch.Tensor:
+        return self.data.x[torch.randint(len(self.data), (n,), generator=self.gen)]
+
+
+def test_scop_betas_stay_at_one_half_when_knockoffs_are_the_real_data(make_env):
+    # SCOP's control: a channel is kept when its real feature beats its knockoff's. With knockoffs equal to the
+    # real inputs, mixing changes nothing, so the loss has no gradient in beta and every beta stays at 0.5.
+    env = make_env(scorer="l1")
+    betas = learn_betas(env.base_model, env.graph, env.data.train, RealDataAsKnockoffs(env.data.train, 2), steps=5,
+                        seed=2, progress=False)
+    for b in betas:
+        torch.testing.assert_close(b, torch.full_like(b, 0.5), atol=1e-3, rtol=0)
+    gk = learn_betas(env.base_model, env.graph, env.data.train, GaussianKnockoffs(env.data.calib.x), steps=5,
+                     seed=2, progress=False)
+    assert max(float((b - 0.5).abs().max()) for b in gk) > 0.05  # real knockoffs do move them
+
+
+def test_scop_allocation_is_the_papers_uniform_rate_by_default(make_env):
+    env = make_env(budget=0.5)
+    fast = dict(steps=4, progress=False)
+    scop = make_baseline("scop", env, **fast)
+    assert_plan_follows(scop, np.ones(env.n_groups))  # one rate for every layer; SCOP scores pick the channels
+    assert scop.eval_env.problem.scorer is scop.scorer
+    glob = make_baseline("scop", env, allocation="global", **fast).setup()
+    from baselines.scop import threshold_plan
+
+    assert_plan_follows(glob, threshold_plan(glob.eval_env, glob.eval_env.static_scores))
+    with pytest.raises(ValueError, match="allocation"):
+        make_baseline("scop", env, allocation="layerwise", **fast).setup()
+
+
+def test_pfp_plan_is_the_sampling_bound_at_one_global_eps(make_env):
+    from baselines.pfp import keep_ratios
+
+    b = make_baseline("pfp", make_env(budget=0.5), images=32).setup()
+    env, sens = b.eval_env, b.eval_env.static_scores
+    np.testing.assert_allclose(b.ratios, np.clip(keep_ratios(sens, b.eps), env.min_keep, 1.0))
+    info = run_episode(env, b)[1]
+    assert info["clamp_total"] == 0.0 and info["kept_counts"] == env.cost.plan_counts(b.ratios)[0]
+    # more total sensitivity -> more samples m_l -> more filters kept: scale one group's sensitivities (same
+    # distribution p, twice S_l) and only that group's ratio grows
+    free = [i for i, r in enumerate(b.ratios) if env.min_keep < r < 1.0]
+    assert free
+    i = free[0]
+    doubled = [2.0 * s if j == i else s for j, s in enumerate(sens)]
+    before, after = keep_ratios(sens, b.eps), keep_ratios(doubled, b.eps)
+    assert after[i] > before[i]
+    np.testing.assert_allclose(np.delete(after, i), np.delete(before, i))
 
 
 # ============================================================================================ devices

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_plan_follows
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from baselines import make_baseline
 from baselines.channel_gating import calibrate_gates, evaluate_channel_gating, fit_threshold
 from baselines.finetune import bn_modules
-from baselines.grda import GRDA, grda_finetune, weight_sparsity
-from baselines.polarization import first_valley, otsu_separation, polarize
+from baselines.grda import GRDA, channel_density, grda_finetune, weight_sparsity
+from baselines.polarization import first_valley, group_bn_scales, otsu_separation, polarize
 
 FAST = dict(steps=10, batch_size=16, progress=False)
 
@@ -61,10 +62,15 @@ def test_polarization_pushes_scales_to_two_clusters_unlike_l1(make_env):
 
 def test_polarization_episode_budget_and_determinism(make_env):
     env = make_env(scorer="l1")
-    b1 = make_baseline("polarization", env, lam=0.2, cache=False, **FAST)
-    info = _episode(b1)
-    assert info["flops_ratio"] <= env.budget + 1e-9
-    b2 = make_baseline("polarization", env, lam=0.2, cache=False, **FAST).setup()
+    b1 = make_baseline("polarization", env, lam=0.2, cache=False, steps=30, batch_size=32, progress=False)
+    # the plan is the valley split of each group's |gamma| at one common scale
+    assert_plan_follows(b1, b1.setup().raw_ratios)
+    scales = group_bn_scales(b1.eval_env, b1.finetuned)
+    for s, th, raw in zip(scales, b1.thresholds, b1.raw_ratios):
+        if th is not None:
+            assert th == first_valley(s, b1.a) and raw == pytest.approx(max((s > th).mean(), 1e-3))
+    assert any(th is not None for th in b1.thresholds)  # at least one group was split at a valley
+    b2 = make_baseline("polarization", env, lam=0.2, cache=False, steps=30, batch_size=32, progress=False).setup()
     np.testing.assert_array_equal(b1.ratios, b2.ratios)
     assert b1.eval_env.problem.scorer.name == "bn" and b1.eval_env.base_model is b1.finetuned
 
@@ -72,9 +78,14 @@ def test_polarization_episode_budget_and_determinism(make_env):
 def test_polarization_caches_per_hyperparameters(make_env):
     env = make_env(scorer="l1")
 
-    def n_cached() -> int:
-        return len(list(Path(env.problem.checkpoint_file).parent.glob("*.polarization-*.pt")))
+    def cached() -> list[Path]:
+        return list(Path(env.problem.checkpoint_file).parent.glob("*.polarization-*.pt"))
 
+    def n_cached() -> int:
+        return len(cached())
+
+    for f in cached():  # a cache kept from an earlier session (CHANNELPRUNE_TEST_CACHE) would be loaded instead
+        f.unlink()
     n0 = n_cached()
     a = polarize(env, lam=0.1, **FAST)
     assert n_cached() == n0 + 1
@@ -121,9 +132,10 @@ def test_grda_makes_exact_zeros_growing_with_c(make_env):
 def test_grda_episode_budget_and_determinism(make_env):
     env = make_env(scorer="l1")
     b1 = make_baseline("grda", env, cache=False, **FAST)
-    info = _episode(b1)
-    assert info["flops_ratio"] <= env.budget + 1e-9
-    assert b1.sparsity > 0.0 and np.all((b1.density > 0) & (b1.density <= 1))
+    # the plan is each group's weight density after the gRDA fine-tune, at one common scale
+    assert_plan_follows(b1, np.maximum(b1.setup().density, 1e-3))
+    np.testing.assert_array_equal(b1.density, channel_density(b1.eval_env, b1.finetuned, "weights"))
+    assert b1.sparsity > 0.0 and b1.density.min() < 1.0  # the fine-tune made exact zeros the plan follows
     b2 = make_baseline("grda", env, cache=False, **FAST).setup()
     np.testing.assert_array_equal(b1.ratios, b2.ratios)
 
@@ -236,3 +248,21 @@ def test_channel_gating_calibration_on_cuda_agrees_with_the_cpu(make_env):
         torch.testing.assert_close(gpu.mean[n], cpu.mean[n], rtol=2e-2, atol=2e-3)
         torch.testing.assert_close(gpu.std[n], cpu.std[n], rtol=2e-2, atol=2e-3)
         assert (gpu.open_at[n] - cpu.open_at[n]).abs().max() < 0.02
+
+
+def test_channel_gating_row_is_the_real_gated_network_not_the_topk_transfer(make_env):
+    from baselines.channel_gating import GatedConv
+    from baselines.experiments.benchmark import own_network_row
+
+    env = make_env(budget=0.7)
+    b = make_baseline("channel_gating", env).setup()
+    assert make_baseline("channel_gating_topk", env).own_network() is None  # the transfer is an env plan
+    net, measure = b.own_network()
+    gated = [m for m in net.modules() if isinstance(m, GatedConv)]
+    assert len(gated) >= 2
+    calib = measure(net, "calib")  # delta was fitted on the calibration split to the budget
+    assert 0.6 < calib["effective_flops_ratio"] <= 0.7 + 1e-9
+    row = own_network_row("channel_gating", 0.7, env, net, measure, 0, False, 0)
+    test = measure(net, "test")
+    assert row["test_acc"] == row["test_acc_before_ft"] == test["accuracy"]
+    assert row["effective_flops_ratio"] == test["effective_flops_ratio"] < 1.0

@@ -18,18 +18,34 @@ def _rows(path):
 def test_tiny_benchmark_writes_everything_and_resumes(tiny_gym_kwargs, tmp_path, monkeypatch):
     out = tmp_path / "results"
     kwargs = {**tiny_gym_kwargs, "importance_samples": 8}
-    rows = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "l1"], ["ppo"], episodes=6, finetune_steps=3,
-                        out=out, env_kwargs=kwargs, progress=False, device="cpu")
+    rows = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "random_search"], ["ppo"], episodes=4,
+                        finetune_steps=3, out=out, env_kwargs=kwargs, seeds=(0, 1), progress=False, device="cpu")
     for name in ("results.csv", "results.md", "pareto.png", "keep_ratios.png", "reward_curves.png"):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
-    by = {r["method"]: r for r in rows}
-    assert set(by) == {"unpruned", "uniform", "l1", "ppo"}
-    for name in ("uniform", "l1", "ppo"):
-        r = by[name]
+    runs = {(r["method"], int(r["seed"])): r for r in rows}
+    methods = ("uniform", "random_search", "ppo", "ppo_best")
+    assert set(runs) == {("unpruned", 0)} | {(m, s) for m in methods for s in (0, 1)}
+    for r in (r for r in rows if r["kind"] != "reference"):
         assert r["status"] == "ok", r["error"]
         assert float(r["flops_ratio"]) <= 0.6 + 1e-9
         assert 0.0 <= float(r["test_acc"]) <= 1.0 and float(r["speedup_b64"]) > 0
-    assert float(by["unpruned"]["flops_ratio"]) == 1.0
+    assert float(runs["unpruned", 0]["flops_ratio"]) == 1.0
+    # random search evaluates as many plans as the agent ran episodes
+    for seed in (0, 1):
+        assert float(runs["random_search", seed]["evaluations"]) == float(runs["ppo", seed]["evaluations"]) == 4
+    # the reported accuracies are the test split's: the uniform plan, pruned and recalibrated, on the test split
+    import gymnasium as gym
+
+    from baselines import make_baseline
+
+    env = gym.make("ChannelPrune-ResNet20-v0", budget=0.6, **kwargs).unwrapped
+    plan = make_baseline("uniform", env).setup().ratios
+    kept, rt = env.cost.plan_counts(plan)
+    net = env.build_pruned(kept, rt)
+    env.recalibrate_bn(net)
+    assert float(runs["uniform", 0]["test_acc_before_ft"]) == pytest.approx(env.evaluate(net, "test")[0], abs=1e-9)
+    assert float(runs["uniform", 0]["reward_acc_before_ft"]) == pytest.approx(env.evaluate(net, "reward")[0],
+                                                                               abs=1e-9)
     # every row names the machines its timings come from; on the CPU there is no separate device latency
     from envs.machine import backend
 
@@ -38,7 +54,10 @@ def test_tiny_benchmark_writes_everything_and_resumes(tiny_gym_kwargs, tmp_path,
         assert r["cpu_machine"] == r["machine"]
         assert r["latency_b64_ms_device"] == "" and float(r["latency_b64_ms"]) > 0
     md = (out / "results.md").read_text()
-    assert "| uniform |" in md and "| ppo |" in md
+    assert "| uniform | 0.60 | 2 |" in md and "| ppo_best | 0.60 | 2 |" in md
+    summary = {s["method"]: s for s in bm.summarize(rows)}
+    assert summary["ppo"]["vs_random_search"] in (">", "<", "tie")
+    assert summary["ppo"]["vs_scripted"].endswith("uniform")  # random search is the control, not a scripted row
     assert f"CPU latency on: {backend('cpu').machine}." in md and "latency b64 device" not in md
 
     # a rerun does not redo finished rows: any attempt to evaluate a plan again would fail loudly
@@ -46,8 +65,8 @@ def test_tiny_benchmark_writes_everything_and_resumes(tiny_gym_kwargs, tmp_path,
         raise AssertionError("finished row was recomputed")
 
     monkeypatch.setattr(bm, "evaluate_plan", boom)
-    rows2 = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "l1"], ["ppo"], episodes=6, finetune_steps=3,
-                         out=out, env_kwargs=kwargs, progress=False)
+    rows2 = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "random_search"], ["ppo"], episodes=4,
+                         finetune_steps=3, out=out, env_kwargs=kwargs, seeds=(0, 1), progress=False)
     assert len(rows2) == len(rows)
 
 
@@ -103,3 +122,36 @@ def test_device_conflicts_and_missing_gpus_are_clear_errors(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing written
     with pytest.raises(SystemExit):
         bm.main(["--baselines", "uniform", "--device", "cuda", "--out", str(tmp_path / "d")])
+
+
+def test_intervals_and_comparisons_over_seeds():
+    from baselines.experiments.stats import compare, estimate
+
+    e = estimate([1.0, 2.0, 3.0])  # mean 2, sem 1/sqrt(3), t(0.975, 2) = 4.3027
+    assert e.mean == 2.0 and e.n == 3
+    assert e.low == pytest.approx(2 - 4.302653 / 3 ** 0.5, abs=1e-5) and e.high == pytest.approx(4 - e.low)
+    one = estimate([0.9])
+    assert one.n == 1 and one.text() == "0.9000" and compare(one, e) == "n/a"
+    assert compare(estimate([10.0, 10.1, 10.2]), e) == ">" and compare(e, estimate([10.0, 10.1, 10.2])) == "<"
+    assert compare(estimate([2.5, 3.5, 1.5]), e) == "tie"  # overlapping intervals: a tie, whatever the means
+    assert estimate([float("nan"), 1.0, 1.0]).text() == "1.0000 [1.0000, 1.0000]"
+
+
+def test_fidelity_correlates_the_reward_with_test_accuracy_after_fine_tuning(tiny_gym_kwargs, tmp_path):
+    import gymnasium as gym
+
+    env = gym.make("ChannelPrune-ResNet20-v0", budget=0.5, **tiny_gym_kwargs).unwrapped
+    res = bm.fidelity(env, 4, 2, tmp_path, seed=1, progress=False)
+    lines = _rows(tmp_path / "fidelity.csv")
+    assert res["plans"] == len(lines) == 4
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([float(x["reward_acc_before_ft"]) for x in lines], [float(x["test_acc"]) for x in lines])
+    assert res["spearman"] == pytest.approx(rho.statistic)
+    # the scores are the env's own: a plan replayed through the env gets the same reward-split accuracy
+    from baselines.random_search import RandomSearch
+
+    first = RandomSearch(env, seed=1, samples=4).setup().history[0]
+    assert float(lines[0]["reward_acc_before_ft"]) == pytest.approx(first["reward_accuracy"])
+    with pytest.raises(ValueError, match="at least 3"):
+        bm.fidelity(env, 2, 0, tmp_path)

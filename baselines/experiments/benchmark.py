@@ -1,27 +1,34 @@
-"""Benchmark: every scripted baseline and every learned agent on the same env, budgets, reward split and evaluator.
+"""Benchmark: every scripted baseline and every learned agent on the same env, budgets, evaluator and seeds.
 
     python -m baselines.experiments.benchmark --env ChannelPrune-ResNet18-v0 --budgets 0.3 0.5 0.7 --baselines all \\
-        --agents ppo ddpg --episodes 30 --finetune-steps 100 --out results/ [--device auto|cpu|cuda|cuda:N]
+        --agents ppo ddpg --episodes 30 --finetune-steps 800 --seeds 0 1 2 --out results/ [--device auto|cuda]
 
-For each budget and method: the method plans its keep ratios in the env (baselines: ``prepare`` + ``plan``;
-agents: trained here with ``agents.train``, or loaded from ``--agent-runs``, and replayed from ``best.json``);
-one env episode gives the accuracy before fine-tuning on the reward split, the FLOPs / params / effective-FLOPs
-ratios and how much the action wall clamped the plan; then the physically pruned network gets the same fixed
-fine-tune (``envs.finetune``: SGD, cosine schedule, ``--finetune-steps``) for every method, and is evaluated once
-on the real test split. The exported (physically pruned, static) network's CPU latency at batch 64 is measured
-against the unpruned net, the two alternately (``envs.cost.compare_latency``), so the speed-up is not skewed by
-whatever else the CPU was doing when the unpruned net was timed.
+For each budget, seed and method: the method plans its keep ratios in the env (baselines: ``prepare`` + ``plan``;
+agents: trained here with ``agents.train``, or loaded from ``--agent-runs``); one env episode applies the plan.
 
-``--device`` ("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is where the env evaluates,
-the baselines compute, the agents' envs run and the common fine-tune trains. Latency is always measured on the
-CPU (``latency_b64_ms``, ``speedup_b64``: what the README reports) and, when the device is a GPU, on it too
-(``latency_b64_ms_device``, ``speedup_b64_device``). Every row names its machines: ``machine`` (the device's:
-search, fine-tune and device latency ran there) and ``cpu_machine`` (the CPU and threads that timed the CPU
-latency), both from ``envs.machine.backend``.
+Split discipline. Choices use the *reward split* only (2,000 images carved from the training set): an agent's
+best training episode, random search's best plan, any method's tuning. Every reported accuracy is on the *test
+split*, which nothing chooses with: before fine-tuning (BN recalibrated on the calibration split) and after the
+common fine-tune (``envs.finetune``: the same SGD recipe and ``--finetune-steps`` for every method; its data order
+follows the seed). The reward-split accuracy is kept as its own column, the selection split. Each agent gives two
+rows: ``<algo>``, its final policy played deterministically, and ``<algo>_best``, its best training episode
+(``best.json``). ``random_search`` (EagleEye) evaluates as many budget-fitted random plans as the agents ran
+episodes (``--episodes``): the control every learned row is compared with.
 
-Outputs in ``--out``: ``results.csv`` (appended row by row as methods finish; a rerun skips finished rows),
-``results.md``, ``pareto.png`` (test accuracy vs FLOPs), ``keep_ratios.png`` (per-group keep ratios per method),
-``reward_curves.png`` (agents). A crash in one method is recorded in its row and does not stop the others.
+Seeds. ``--seeds 0 1 2`` runs every stochastic part once per seed; ``results.md`` gives, per method and budget,
+the mean and a 95% t interval over seeds, and marks a learned row better than the best scripted method or than
+random search only where the intervals do not overlap (``stats.py``).
+
+Latency. The exported (physically pruned, static) network's CPU latency at batch 64 is measured against the
+unpruned net, the two alternately (``envs.cost.compare_latency``); on a GPU device also there. ``--device``
+("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is where the env evaluates, the baselines
+compute, the agents' envs run and the fine-tune trains. Every row names its machines: ``machine`` (the device's)
+and ``cpu_machine`` (the CPU that timed the CPU latency), from ``envs.machine.backend``.
+
+Outputs in ``--out``: ``results.csv`` (one row per method, budget and seed, appended as they finish; a rerun
+skips finished rows), ``results.md``, ``pareto.png`` (test accuracy with intervals vs FLOPs),
+``keep_ratios.png`` (per-group keep ratios per method, first seed), ``reward_curves.png`` (agents). A crash in one
+method is recorded in its row and does not stop the others.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -44,11 +52,13 @@ from envs.cost import compare_latency, measure_latency
 from envs.episodes import run_episode
 from envs.machine import backend, resolve_device
 
+from .stats import CONFIDENCE, compare, estimate
+
 FIELDS = [
-    "method", "kind", "budget", "status", "reward_acc_before_ft", "reward_acc_after_ft", "test_acc",
+    "method", "kind", "budget", "seed", "status", "reward_acc_before_ft", "test_acc_before_ft", "test_acc",
     "flops_ratio", "params_ratio", "effective_flops_ratio", "clamp_total", "latency_b64_ms", "speedup_b64",
-    "latency_b64_ms_device", "speedup_b64_device", "search_seconds", "finetune_seconds", "keep_ratios", "error",
-    "device", "machine", "cpu_machine",
+    "latency_b64_ms_device", "speedup_b64_device", "evaluations", "search_seconds", "finetune_seconds",
+    "keep_ratios", "error", "device", "machine", "cpu_machine",
 ]
 LATENCY_BATCH = 64
 
@@ -78,11 +88,6 @@ def _append_row(path: Path, row: dict) -> None:
         w.writerow({k: row.get(k, "") for k in FIELDS})
 
 
-def run_policy(env, policy) -> dict:
-    """One deterministic episode of ``policy`` (SB3 predict) in ``env``; returns the final info."""
-    return run_episode(env, policy, seed=0)[1]
-
-
 def machines(device) -> dict:
     """The ``device`` / ``machine`` / ``cpu_machine`` fields of a row (``envs.machine.backend``)."""
     be = backend(device)
@@ -102,24 +107,43 @@ def plan_latency(env, static) -> dict:
     return out
 
 
-def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool) -> dict:
-    """Fine-tune the pruned net of ``info`` with the common recipe (on ``env.device``); test accuracy; exported
-    latency (``plan_latency``)."""
+def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: int = 0) -> dict:
+    """Test accuracy of the pruned net of ``info`` before and after the common fine-tune (on ``env.device``, data
+    order from ``seed``); exported latency (``plan_latency``). Nothing here chooses anything."""
     from envs.finetune import finetune
 
     kept = info["kept_counts"]
     rt = [max(1, round(r * k)) for r, k in zip(info["runtime_ratios"], kept)]
     net = env.build_pruned(kept, rt)
     env.recalibrate_bn(net)
+    test_before, _ = env.evaluate(net, "test")
     t0 = time.perf_counter()
     if finetune_steps > 0:
-        net = finetune(net, env.data, steps=finetune_steps, progress=progress, device=env.device)
+        net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress, device=env.device)
     ft_s = time.perf_counter() - t0  # finetune hands the net back on the CPU: its GPU work is finished
-    acc_after, _ = env.evaluate(net, "reward")
     test_acc, _ = env.evaluate(net, "test")
     static = env.graph.prune_copy(env.kept_channels(kept))  # exported net: static pruning only
-    return {"reward_acc_after_ft": acc_after, "test_acc": test_acc, "finetune_seconds": ft_s,
+    return {"test_acc_before_ft": test_before, "test_acc": test_acc, "finetune_seconds": ft_s,
             **plan_latency(env, static)}
+
+
+def own_network_row(method: str, budget: float, env, net, measure, finetune_steps: int, progress: bool,
+                    seed: int) -> dict:
+    """A row for a method evaluated as its own network: its accuracy on the selection split, on the test split
+    before and after the common fine-tune, and its own effective FLOPs count (after the fine-tune, on the test
+    split). Static FLOPs and parameters are the unpruned net's; no latency (the gated net runs densely, masked)."""
+    from envs.finetune import finetune
+
+    selection, before = measure(net, "reward"), measure(net, "test")
+    t0 = time.perf_counter()
+    if finetune_steps > 0:
+        net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress, device=env.device)
+    ft_s = time.perf_counter() - t0
+    after = measure(net, "test")
+    return {"method": method, "kind": "baseline", "budget": budget, "reward_acc_before_ft": selection["accuracy"],
+            "test_acc_before_ft": before["accuracy"], "test_acc": after["accuracy"], "flops_ratio": 1.0,
+            "params_ratio": 1.0, "effective_flops_ratio": after["effective_flops_ratio"], "clamp_total": 0.0,
+            "evaluations": 0, "finetune_seconds": ft_s, "keep_ratios": json.dumps([1.0] * env.n_groups)}
 
 
 def _row_from_info(method: str, kind: str, budget: float, info: dict) -> dict:
@@ -141,12 +165,14 @@ def benchmark(
     out: Path,
     env_kwargs: dict | None = None,
     agent_runs: dict[str, str] | None = None,
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     progress: bool = True,
     device: str | None = None,
 ) -> list[dict]:
     """Run the benchmark (see the module docstring); returns the rows of ``out/results.csv``.
 
+    ``seeds``: every stochastic part runs once per seed (agent training, random search and the other seeded
+    baselines, the common fine-tune's data order); ``results.md`` reports means and intervals over them.
     ``device``: "auto", "cpu", "cuda" or "cuda:N" for the env, the baselines, the agents' envs and the common
     fine-tune; None takes ``env_kwargs["device"]``, else "auto". Giving both, differently, is a ValueError.
     """
@@ -160,68 +186,135 @@ def benchmark(
         env_kwargs["device"] = device
     env_kwargs.setdefault("device", "auto")
     resolve_device(env_kwargs["device"])  # a clear ValueError before anything is built or written
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds!r} must be distinct integers, at least one")
+    if agent_runs and len(seeds) > 1:
+        raise ValueError("agent_runs gives one trained run per agent; with several seeds let the benchmark train "
+                         "one run per seed")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    done = {(r["method"], float(r["budget"])) for r in _read_rows(csv_path) if r["status"] == "ok"}
+    done = {_key(r) for r in _read_rows(csv_path) if r["status"] == "ok"}
     agent_runs = agent_runs or {}
     for budget in budgets:
         env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
         where = machines(env.device)
-        if ("unpruned", 1.0) not in done:
-            shape = tuple(env.problem.example_input.shape[1:])
-            base_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device="cpu")
-            lat = {"latency_b64_ms": 1000 * base_lat, "speedup_b64": 1.0}
-            if env.device.type == "cuda":
-                dev_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15,
-                                          device=env.device)
-                lat.update(latency_b64_ms_device=1000 * dev_lat, speedup_b64_device=1.0)
-            acc, _ = env.evaluate(env.base_model, "reward")
-            test, _ = env.evaluate(env.base_model, "test")
-            _append_row(csv_path, {"method": "unpruned", "kind": "reference", "budget": 1.0, "status": "ok",
-                                   "reward_acc_before_ft": acc, "reward_acc_after_ft": acc, "test_acc": test,
-                                   "flops_ratio": 1.0, "params_ratio": 1.0, "effective_flops_ratio": 1.0,
-                                   "clamp_total": 0.0, **lat, "search_seconds": 0.0, "finetune_seconds": 0.0,
-                                   "keep_ratios": json.dumps([1.0] * env.n_groups), **where})
-            done.add(("unpruned", 1.0))
-        jobs = [("baseline", n) for n in baselines] + [("agent", a) for a in agents]
-        for kind, name in jobs:
-            if (name, budget) in done:
-                print(f"[benchmark] {name} @ {budget}: done before, skipped", file=sys.stderr)
-                continue
-            print(f"[benchmark] {name} @ budget {budget} ...", file=sys.stderr)
-            t0 = time.perf_counter()
-            try:
-                if kind == "baseline":
-                    policy = make_baseline(name, env, seed=seed).setup()
-                    run_env = policy.eval_env
-                else:
-                    from agents.policy import BestPolicy
-                    from agents.train import train as train_agent
-
-                    run_dir = agent_runs.get(name)
-                    if run_dir is None or not (Path(run_dir) / "best.json").exists():
-                        run_dir = train_agent(name, env_id, env_kwargs={**env_kwargs, "budget": budget},
-                                              episodes=episodes, seed=seed,
-                                              out=out / "agents" / f"{name}-b{budget:g}", progress=progress)
-                    policy = BestPolicy.load(Path(run_dir) / "best.json")
-                    run_env = env
-                info = run_policy(run_env, policy)
-                search_s = time.perf_counter() - t0
-                row = _row_from_info(name, kind, budget, info)
-                row.update(evaluate_plan(run_env, info, finetune_steps, progress))
-                row.update(status="ok", search_seconds=search_s)
-            except Exception as exc:  # noqa: BLE001 - one method's crash must not lose the others' rows
-                traceback.print_exc()
-                row = {"method": name, "kind": kind, "budget": budget, "status": "error",
-                       "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                       "search_seconds": time.perf_counter() - t0}
-            _append_row(csv_path, {**row, **where})
+        if ("unpruned", 1.0, 0) not in done:
+            _append_row(csv_path, {**unpruned_row(env), **where})
+            done.add(("unpruned", 1.0, 0))
+        for seed in seeds:
+            jobs = [("baseline", n) for n in baselines] + [("agent", a) for a in agents]
+            for kind, name in jobs:
+                if (name, budget, seed) in done:
+                    print(f"[benchmark] {name} @ {budget} seed {seed}: done before, skipped", file=sys.stderr)
+                    continue
+                print(f"[benchmark] {name} @ budget {budget}, seed {seed} ...", file=sys.stderr)
+                t0 = time.perf_counter()
+                try:
+                    if kind == "baseline":
+                        options = {"samples": episodes} if name == "random_search" else {}
+                        policy = make_baseline(name, env, seed=seed, **options).setup()
+                        plays = [(name, policy.eval_env, policy, getattr(policy, "evaluations", 1))]
+                        own = policy.own_network()
+                        if own is not None:  # the method's own network (Channel Gating), not an env plan
+                            row = own_network_row(name, budget, env, *own, finetune_steps, progress, seed)
+                            row.update(status="ok", seed=seed, search_seconds=time.perf_counter() - t0)
+                            _append_row(csv_path, {**row, **where})
+                            continue
+                    else:
+                        plays = agent_plays(name, env_id, env, env_kwargs, budget, episodes, seed, out,
+                                            agent_runs.get(name), progress)
+                    search_s = time.perf_counter() - t0
+                    for method, run_env, policy, evaluations in plays:
+                        info = run_episode(run_env, policy, seed=0)[1]
+                        row = _row_from_info(method, kind, budget, info)
+                        row.update(evaluate_plan(run_env, info, finetune_steps, progress, seed))
+                        row.update(status="ok", seed=seed, search_seconds=search_s, evaluations=evaluations)
+                        _append_row(csv_path, {**row, **where})
+                except Exception as exc:  # noqa: BLE001 - one method's crash must not lose the others' rows
+                    traceback.print_exc()
+                    _append_row(csv_path, {"method": name, "kind": kind, "budget": budget, "seed": seed,
+                                           "status": "error", "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                           "search_seconds": time.perf_counter() - t0, **where})
     rows = _read_rows(csv_path)
     write_markdown(rows, out / "results.md", env_id, finetune_steps)
     plot_pareto(rows, out / "pareto.png", env_id)
     plot_keep_ratios(rows, out / "keep_ratios.png")
     plot_reward_curves(out / "agents", out / "reward_curves.png")
     return rows
+
+
+def fidelity(env, plans: int, finetune_steps: int, out: Path, seed: int = 0, progress: bool = True) -> dict:
+    """Does the reward predict what users care about? ``plans`` random budget-fitted plans (random search's draws)
+    are each scored as the env scores them (reward-split accuracy after BN recalibration) and then fine-tuned with
+    the common recipe and measured on the test split; returns the Spearman rank correlation between the two
+    (EagleEye reports 0.83-0.94 for its adaptive-BN score, MobileNetV1 on CIFAR-10) and writes
+    ``fidelity.csv`` (one line per plan) into ``out``."""
+    from scipy.stats import spearmanr
+
+    from baselines.random_search import RandomSearch
+    from envs.finetune import finetune
+
+    if plans < 3:
+        raise ValueError(f"fidelity plans={plans!r} must be at least 3 (a rank correlation of fewer means nothing)")
+    search = RandomSearch(env, seed=seed, samples=plans)
+    search.setup()
+    lines = []
+    for i, h in enumerate(search.history):
+        kept, rt = env.cost.plan_counts(h["plan"])
+        net = env.build_pruned(kept, rt)
+        env.recalibrate_bn(net)
+        if finetune_steps > 0:
+            net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress, device=env.device)
+        lines.append({"plan": i, "cost_ratio": h["cost_ratio"], "reward_acc_before_ft": h["reward_accuracy"],
+                      "test_acc": env.evaluate(net, "test")[0]})
+    with open(out / "fidelity.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(lines[0]))
+        w.writeheader()
+        w.writerows(lines)
+    rho = spearmanr([x["reward_acc_before_ft"] for x in lines], [x["test_acc"] for x in lines])
+    return {"plans": len(lines), "budget": env.budget, "finetune_steps": finetune_steps,
+            "spearman": float(rho.statistic), "p_value": float(rho.pvalue)}
+
+
+def _key(row: dict) -> tuple[str, float, int]:
+    return row["method"], float(row["budget"]), int(row.get("seed") or 0)  # no seed: a row of an older version
+
+
+def unpruned_row(env) -> dict:
+    """The reference row: the unpruned network's accuracies and latency (no fine-tune)."""
+    shape = tuple(env.problem.example_input.shape[1:])
+    base_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device="cpu")
+    lat = {"latency_b64_ms": 1000 * base_lat, "speedup_b64": 1.0}
+    if env.device.type == "cuda":
+        dev_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device=env.device)
+        lat.update(latency_b64_ms_device=1000 * dev_lat, speedup_b64_device=1.0)
+    acc, _ = env.evaluate(env.base_model, "reward")
+    test, _ = env.evaluate(env.base_model, "test")
+    return {"method": "unpruned", "kind": "reference", "budget": 1.0, "seed": 0, "status": "ok",
+            "reward_acc_before_ft": acc, "test_acc_before_ft": test, "test_acc": test, "flops_ratio": 1.0,
+            "params_ratio": 1.0, "effective_flops_ratio": 1.0, "clamp_total": 0.0, **lat, "evaluations": 0,
+            "search_seconds": 0.0, "finetune_seconds": 0.0, "keep_ratios": json.dumps([1.0] * env.n_groups)}
+
+
+def agent_plays(algo: str, env_id: str, env, env_kwargs: dict, budget: float, episodes: int, seed: int, out: Path,
+                run_dir: str | None, progress: bool) -> list[tuple]:
+    """An agent's two rows: ``algo``, its final policy played deterministically, and ``algo_best``, the best of
+    its training episodes by reward-split accuracy (``best.json``). Trained here unless ``run_dir`` has one."""
+    from agents.algos import ALGOS
+    from agents.common import BEST_FILE, EPISODES_FILE, MODEL_FILE
+    from agents.policy import BestPolicy
+    from agents.train import train as train_agent
+
+    if run_dir is None or not (Path(run_dir) / BEST_FILE).exists():
+        run_dir = train_agent(algo, env_id, env_kwargs={**env_kwargs, "budget": budget}, episodes=episodes,
+                              seed=seed, out=out / "agents" / f"{algo}-b{budget:g}-s{seed}", progress=progress)
+    run_dir = Path(run_dir)
+    final = ALGOS[algo].load(run_dir / MODEL_FILE, device="cpu")
+    best = BestPolicy.load(run_dir / BEST_FILE)
+    with open(run_dir / EPISODES_FILE, newline="") as f:
+        evaluations = len(list(csv.DictReader(f)))  # episodes the agent ran: its reward-split evaluations
+    return [(algo, env, final, evaluations), (f"{algo}_best", env, best, evaluations)]
 
 
 def _f(v, fmt="{:.4f}") -> str:
@@ -237,25 +330,82 @@ def _distinct(rows: list[dict], key: str) -> str:
     return "; ".join(seen) if seen else "not recorded"
 
 
+SCRIPTED_CONTROL = "random_search"  # the control of equal evaluations, kept apart from the scripted methods
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (budget, method): estimates over seeds of the test accuracy after and before fine-tuning and of the
+    selection-split accuracy, plus each learned method's comparison with the best scripted method (by mean test
+    accuracy after fine-tuning) and with random search at equal evaluations."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    out = []
+    for budget in sorted({float(r["budget"]) for r in ok}):
+        at = [r for r in ok if float(r["budget"]) == budget]
+        by_method: dict[str, list[dict]] = {}
+        for r in at:
+            by_method.setdefault(r["method"], []).append(r)
+        summary = {}
+        for m, rs in by_method.items():
+            summary[m] = {"budget": budget, "method": m, "kind": rs[0]["kind"], "seeds": len(rs),
+                          **{k: estimate([_num(r.get(k)) for r in rs]) for k in (
+                              "test_acc", "test_acc_before_ft", "reward_acc_before_ft", "effective_flops_ratio",
+                              "speedup_b64", "evaluations")}}
+        scripted = [s for m, s in summary.items() if s["kind"] == "baseline" and m != SCRIPTED_CONTROL]
+        best_scripted = max(scripted, key=lambda s: s["test_acc"].mean, default=None)
+        for s in summary.values():
+            if s["kind"] == "agent":
+                if best_scripted is not None:
+                    s["vs_scripted"] = f"{compare(s['test_acc'], best_scripted['test_acc'])} {best_scripted['method']}"
+                if SCRIPTED_CONTROL in summary:
+                    s["vs_random_search"] = compare(s["test_acc"], summary[SCRIPTED_CONTROL]["test_acc"])
+            out.append(s)
+    return out
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def write_markdown(rows: list[dict], path: Path, env_id: str, finetune_steps: int) -> None:
     on_device = any(r.get("latency_b64_ms_device") not in (None, "") for r in rows)
-    head = ("| method | budget | acc before FT | acc after FT | test acc | FLOPs | params | eff. FLOPs | clamp | "
-            "latency b64 CPU (ms) | speed-up CPU | " + ("latency b64 device (ms) | speed-up device | " if on_device
-                                                        else "") + "search (s) | status |")
-    lines = [f"Benchmark on {env_id}; accuracies on the reward split except 'test acc'; fine-tune: "
-             f"{finetune_steps} steps, the same recipe for every method.",
+    summary = summarize(rows)
+    seeds = sorted({int(r.get("seed") or 0) for r in rows if r["kind"] != "reference"})
+    lines = [f"Benchmark on {env_id}: seeds {', '.join(map(str, seeds)) or '-'}; fine-tune: {finetune_steps} steps, "
+             "the same recipe for every method.",
+             "Every reported accuracy is on the **test split**, which nothing chooses with. 'selection acc' is the "
+             "reward split (carved from the training set) that agents' best episodes and random search choose "
+             "with; it is shown apart and is optimistic for the methods that chose on it.",
+             f"Mean [{int(CONFIDENCE * 100)}% t interval] over seeds; 'vs scripted' / 'vs random search': > or < "
+             "only where the intervals do not overlap, else tie (n/a with one seed).",
              f"Search, fine-tune{' and device latency' if on_device else ''} on: {_distinct(rows, 'machine')}. "
-             f"CPU latency on: {_distinct(rows, 'cpu_machine')}.", "", head,
-             "|" + "|".join(["---"] * (15 if on_device else 13)) + "|"]
-    for r in sorted(rows, key=lambda r: (float(r["budget"]), r["kind"] != "reference", r["method"])):
+             f"CPU latency on: {_distinct(rows, 'cpu_machine')}.", "",
+             "| method | budget | seeds | test acc after FT | test acc before FT | selection acc (reward split) | "
+             "eff. FLOPs | speed-up CPU b64 | evaluations | vs scripted | vs random search |",
+             "|" + "|".join(["---"] * 11) + "|"]
+    for s in sorted(summary, key=lambda s: (s["budget"], s["kind"] != "reference", s["method"])):
+        lines.append(f"| {s['method']} | {s['budget']:.2f} | {s['seeds']} | {s['test_acc'].text()} | "
+                     f"{s['test_acc_before_ft'].text()} | {s['reward_acc_before_ft'].text()} | "
+                     f"{s['effective_flops_ratio'].text('{:.3f}')} | {s['speedup_b64'].text('{:.2f}')} | "
+                     f"{s['evaluations'].text('{:.0f}')} | {s.get('vs_scripted', '')} | "
+                     f"{s.get('vs_random_search', '')} |")
+    head = ("| method | budget | seed | selection acc | test acc before FT | test acc after FT | FLOPs | params | "
+            "eff. FLOPs | clamp | latency b64 CPU (ms) | speed-up CPU | " +
+            ("latency b64 device (ms) | speed-up device | " if on_device else "") + "search (s) | status |")
+    lines += ["", "Every run:", "", head, "|" + "|".join(["---"] * (16 if on_device else 14)) + "|"]
+    for r in sorted(rows, key=lambda r: (float(r["budget"]), r["kind"] != "reference", r["method"],
+                                         int(r.get("seed") or 0))):
         dev = (f"{_f(r.get('latency_b64_ms_device'), '{:.2f}')} | {_f(r.get('speedup_b64_device'), '{:.2f}')} | "
                if on_device else "")
         lines.append(
-            f"| {r['method']} | {_f(r['budget'], '{:.2f}')} | {_f(r['reward_acc_before_ft'])} | "
-            f"{_f(r['reward_acc_after_ft'])} | {_f(r['test_acc'])} | {_f(r['flops_ratio'], '{:.3f}')} | "
-            f"{_f(r['params_ratio'], '{:.3f}')} | {_f(r['effective_flops_ratio'], '{:.3f}')} | "
-            f"{_f(r['clamp_total'], '{:.3f}')} | {_f(r['latency_b64_ms'], '{:.1f}')} | "
-            f"{_f(r['speedup_b64'], '{:.2f}')} | {dev}{_f(r['search_seconds'], '{:.0f}')} | "
+            f"| {r['method']} | {_f(r['budget'], '{:.2f}')} | {r.get('seed') or 0} | "
+            f"{_f(r['reward_acc_before_ft'])} | {_f(r.get('test_acc_before_ft'))} | {_f(r['test_acc'])} | "
+            f"{_f(r['flops_ratio'], '{:.3f}')} | {_f(r['params_ratio'], '{:.3f}')} | "
+            f"{_f(r['effective_flops_ratio'], '{:.3f}')} | {_f(r['clamp_total'], '{:.3f}')} | "
+            f"{_f(r['latency_b64_ms'], '{:.1f}')} | {_f(r['speedup_b64'], '{:.2f}')} | {dev}"
+            f"{_f(r['search_seconds'], '{:.0f}')} | "
             f"{r['status'] if r['status'] == 'ok' else 'error: ' + r.get('error', '')} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -270,19 +420,23 @@ def _plt():
 
 
 def plot_pareto(rows: list[dict], path: Path, env_id: str) -> None:
+    """Test accuracy after fine-tuning against effective FLOPs, mean and interval over seeds per method."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     markers = "osD^v<>pPX*hH"
-    methods = sorted({r["method"] for r in rows if r["status"] == "ok" and r["kind"] != "reference"})
-    for i, m in enumerate(methods):
-        pts = [(float(r["effective_flops_ratio"]), float(r["test_acc"])) for r in rows
-               if r["method"] == m and r["status"] == "ok"]
-        ax.scatter(*zip(*pts), marker=markers[i % len(markers)], label=m, s=40)
+    summary = [s for s in summarize(rows) if s["kind"] != "reference"]
+    for i, m in enumerate(sorted({s["method"] for s in summary})):
+        pts = [s for s in summary if s["method"] == m]
+        x = [s["effective_flops_ratio"].mean for s in pts]
+        y = [s["test_acc"].mean for s in pts]
+        err = [[s["test_acc"].mean - s["test_acc"].low if s["test_acc"].n > 1 else 0 for s in pts],
+               [s["test_acc"].high - s["test_acc"].mean if s["test_acc"].n > 1 else 0 for s in pts]]
+        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], label=m, ms=6, capsize=3, lw=1)
     ref = [float(r["test_acc"]) for r in rows if r["method"] == "unpruned" and r["status"] == "ok"]
     if ref:
         ax.axhline(ref[0], color="k", ls="--", lw=1, label="unpruned")
     ax.set_xlabel("FLOPs ratio (MACs computed per input; = static FLOPs except for runtime methods)")
-    ax.set_ylabel("test accuracy after fine-tune")
+    ax.set_ylabel(f"test accuracy after fine-tune (mean, {int(CONFIDENCE * 100)}% interval)")
     ax.set_title(env_id)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -297,7 +451,8 @@ def plot_keep_ratios(rows: list[dict], path: Path) -> None:
         return
     budgets = sorted({float(r["budget"]) for r in ok})
     b = 0.5 if 0.5 in budgets else budgets[len(budgets) // 2]
-    sel = [r for r in ok if float(r["budget"]) == b]
+    first_seed = min(int(r.get("seed") or 0) for r in ok)
+    sel = [r for r in ok if float(r["budget"]) == b and int(r.get("seed") or 0) == first_seed]
     fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
     for i, r in enumerate(sel):
         ratios = json.loads(r["keep_ratios"])
@@ -352,7 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None,
                    help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N: where the env "
                         "evaluates, the baselines compute and the fine-tune trains (latency: CPU, plus the GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fidelity", type=int, default=0, metavar="K",
+                   help="also score K random plans on the reward split and fine-tune them: Spearman correlation "
+                        "with their test accuracy after the fine-tune (fidelity.json, fidelity.csv; first budget)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="run every stochastic part once per seed; results.md gives means and intervals")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     names = available() if args.baselines == ["all"] else args.baselines
@@ -375,7 +534,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     rows = benchmark(args.env, args.budgets, names, args.agents, args.episodes, args.finetune_steps,
-                     Path(args.out), env_kwargs, runs, args.seed, device=args.device)
+                     Path(args.out), env_kwargs, runs, args.seeds, device=args.device)
+    if args.fidelity:
+        env = gym.make(args.env, budget=args.budgets[0], **{**env_kwargs, "device": args.device or
+                                                            env_kwargs.get("device", "auto")}).unwrapped
+        result = fidelity(env, args.fidelity, args.finetune_steps, Path(args.out), seed=args.seeds[0])
+        (Path(args.out) / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"fidelity: Spearman {result['spearman']:.3f} (p = {result['p_value']:.3g}) between reward-split "
+              f"accuracy and test accuracy after {args.finetune_steps} fine-tune steps, {result['plans']} random "
+              f"plans at budget {result['budget']}")
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

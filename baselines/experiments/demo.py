@@ -2,10 +2,13 @@
 
 Stages (each timed; the times are written to ``<out>/stages.json`` and printed):
 
-1. data + pretrained ResNet-18 on Fashion-MNIST (trained and cached on first run, ~22 min on 2 cores; then loaded);
+1. data + pretrained ResNet-18 on Fashion-MNIST (the checkpoint shipped in ``envs/checkpoints``, installed into the
+   cache; trained only when it does not match);
 2. the environment: dependency graph, static and runtime importance predictors (trained once, cached);
-3. the benchmark: every baseline and one agent (PPO) at 50% FLOPs, the common fine-tune, test accuracy,
-   exported-model latency; table in ``<out>/results.md``, plots ``pareto.png`` and ``keep_ratios.png``.
+3. the benchmark (``baselines.experiments.benchmark``, one budget, one seed): every baseline, ``random_search`` at
+   as many evaluations as the agent's episodes, and one agent (PPO: its final policy and its best episode) at 50%
+   FLOPs; the common fine-tune; test-split accuracies before and after it, the reward split as the selection
+   column; exported-model latency; table in ``<out>/results.md``, plots ``pareto.png`` and ``keep_ratios.png``.
 
 Environment variables: ``DEMO_OUT`` (default ``results/demo``), ``DEMO_EPISODES`` (agent episodes, default 30),
 ``DEMO_FINETUNE_STEPS`` (default 60), ``DEMO_BASELINES`` (space-separated, default all), ``DEMO_AGENTS``

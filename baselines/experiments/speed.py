@@ -52,9 +52,6 @@ def _uniform_actions(env) -> list[np.ndarray]:
     return [b.action_for_step(t) for t in range(env.n_groups)]
 
 
-_episode = run_actions
-
-
 def _sync(device) -> None:
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -86,7 +83,7 @@ def evaluator_throughput(env, repeats: int) -> dict[str, float]:
     n = len(env.data.reward)
     dev = env.device
     plain = copy.deepcopy(env.base_model).to(dev)  # the base model stays on the CPU
-    out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(plain, env.data.reward, env.eval_batch_size, dev),
+    out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(plain, env.data.reward, env.problem.eval_batch_size, dev),
                                     repeats, dev)}
     for precision in ("fp32", "bf16"):
         if precision == "bf16" and not backend(env.device).bf16:
@@ -100,9 +97,9 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
     env = gym.make(env_id, budget=budget, **env_kwargs).unwrapped
     dev = env.device
     actions = _uniform_actions(env)
-    info = _episode(env, actions)  # warm-up
+    info = run_actions(env, actions)  # warm-up
     kept = info["kept_counts"]
-    t_episode = _timed(lambda: _episode(env, actions), episodes, dev)
+    t_episode = _timed(lambda: run_actions(env, actions), episodes, dev)
 
     def pruned_only():
         pruned = env.build_pruned(kept)
@@ -136,22 +133,18 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
         "episode_s": t_episode, "pruned_forward_recal_s": t_pruned, "pruned_build_forward_recal_s": t_pruned_build,
         "mask_based_s": t_mask,
         "episode_over_pruned_forward": t_episode / t_pruned, "mask_over_episode": t_mask / t_episode,
-        "eval_precision": env.eval_precision, "eval_images_per_s": throughput,
+        "eval_precision": env.problem.eval_precision, "eval_images_per_s": throughput,
     }
     if memory_episodes > 0:
         small = gym.make(env_id, budget=budget, **{**env_kwargs, "reward_size": 64, "calib_size": 64}).unwrapped
-        acts = _uniform_actions(small)
-        rss = []
+        marks = {"rss_mb_after_10": min(9, memory_episodes - 1), "rss_mb_mid": memory_episodes // 2,
+                 "rss_mb_end": memory_episodes - 1}
         for i in range(memory_episodes):
-            rng = np.random.default_rng(i)
-            small.reset(seed=i)
-            for _ in range(small.n_groups):
-                small.step(rng.uniform(-1, 1, small.action_space.shape).astype(np.float32))
-            if i in (9, memory_episodes // 2, memory_episodes - 1):
-                rss.append(_rss_mb())
-        del acts
-        result.update({"memory_episodes": memory_episodes, "rss_mb_after_10": rss[0], "rss_mb_mid": rss[1],
-                       "rss_mb_end": rss[-1], "rss_growth_mb_10_to_end": rss[-1] - rss[0]})
+            rng = np.random.default_rng(i)  # random actions: every episode prunes to new layer shapes
+            run_actions(small, [rng.uniform(-1, 1, small.action_space.shape) for _ in range(small.n_groups)], seed=i)
+            result.update({name: _rss_mb() for name, at in marks.items() if at == i})
+        result.update(memory_episodes=memory_episodes,
+                      rss_growth_mb_10_to_end=result["rss_mb_end"] - result["rss_mb_after_10"])
     if dev.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return result

@@ -1,0 +1,20 @@
+"""The speed bench (baselines/experiments/speed.py) end to end on the tiny env: every number it reports exists
+and is consistent (timings are not asserted: a test is not a benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+from baselines.experiments import speed
+
+
+def test_speed_bench_reports_every_measure(tiny_gym_kwargs):
+    res = speed.run("ChannelPrune-ResNet20-v0", 0.5, 1, 3, {**tiny_gym_kwargs, "device": "cpu"})
+    assert res["flops_ratio"] <= 0.5 + 1e-9 and 0 < res["accuracy"] <= 1
+    for key in ("episode_s", "pruned_forward_recal_s", "pruned_build_forward_recal_s", "mask_based_s"):
+        assert res[key] > 0, key
+    assert res["episode_over_pruned_forward"] == res["episode_s"] / res["pruned_forward_recal_s"]
+    assert set(res["eval_images_per_s"]) >= {"plain_fp32", "fp32"}
+    assert res["memory_episodes"] == 3 and res["rss_mb_end"] > 0
+    assert res["rss_growth_mb_10_to_end"] == res["rss_mb_end"] - res["rss_mb_after_10"]
+    json.dumps(res)  # the --out file is plain JSON
