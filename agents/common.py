@@ -14,7 +14,7 @@ import yaml
 
 import envs  # noqa: F401  (registers the ChannelPrune-* ids)
 from envs import resolve_env_id
-from envs.kwargs import ENV_KWARGS, check_kwargs
+from envs.kwargs import check_kwargs
 from envs.paths import atomic_write_text
 
 from .algos import ALGOS
@@ -37,14 +37,12 @@ def check_env_id(env_id: str) -> str:
     return resolve_env_id(env_id)
 
 
-def env_kwarg_names() -> list[str]:
-    """The keyword arguments ``ChannelPruneEnv`` accepts (what ``gym.make(id, **kwargs)`` forwards to it)."""
-    return list(ENV_KWARGS)
-
-
 def check_env_kwargs(env_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """Reject unknown keys and bad values before anything is built (a worker's error would surface as EOFError)."""
     env_kwargs = dict(env_kwargs or {})
+    if "problem" in env_kwargs:  # a built PruningProblem does not travel to workers or into a run's records
+        raise ValueError("env kwarg 'problem' cannot be given here; give the problem's own keywords (model=, "
+                         "budget=, ...)")
     check_kwargs(env_kwargs)
     return env_kwargs
 

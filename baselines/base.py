@@ -24,6 +24,7 @@ from torch import nn
 
 from envs.budget import action_of_ratio
 from envs.channel_prune import ChannelPruneEnv
+from envs.episodes import unwrap
 from envs.observation import PER_STEP
 
 REGISTRY: dict[str, type["Baseline"]] = {}
@@ -62,7 +63,7 @@ class Baseline:
     runtime = False  # a runtime-mode baseline also plans runtime ratios
 
     def __init__(self, env, seed: int = 0, **kwargs):
-        self.env: ChannelPruneEnv = _unwrap(env)
+        self.env: ChannelPruneEnv = unwrap(env)
         self.seed = int(seed)
         self.options = kwargs
         self.rng = np.random.default_rng(self.seed)
@@ -139,13 +140,9 @@ class Baseline:
 
 def cost_of_ratios(env: ChannelPruneEnv, ratios: Sequence[float], runtime: Sequence[float] | None = None) -> float:
     """Cost ratio of the target (effective FLOPs in runtime mode) for a plan of keep ratios (``CostModel``)."""
-    return _unwrap(env).cost.plan_cost(ratios, runtime)
+    return unwrap(env).cost.plan_cost(ratios, runtime)
 
 
 def fit_to_budget(env: ChannelPruneEnv, ratios: Sequence[float], budget: float | None = None) -> np.ndarray:
     """Scale a plan's ratios by one factor so its cost meets the budget (``CostModel.fit_to_budget``)."""
-    return _unwrap(env).cost.fit_to_budget(ratios, budget)
-
-
-def _unwrap(env) -> ChannelPruneEnv:
-    return env.unwrapped if hasattr(env, "unwrapped") else env
+    return unwrap(env).cost.fit_to_budget(ratios, budget)

@@ -434,15 +434,6 @@ class ChannelGating(Baseline):
             s = max(env.min_keep, s * 0.999)
         return np.full(env.n_groups, s)
 
-    def evaluate(self, split: str = "reward", all_convs: bool = True) -> dict:
-        """CG itself (the real gated net, not the env's top-k gates) at the env's budget: the shared ``delta``
-        whose measured effective FLOPs on the calibration split meet ``env.budget`` (``fit_threshold``), then
-        measured on ``split``. ``all_convs=True`` gates every conv but the first (the paper's setting)."""
-        self.setup()
-        cal = self.calibration if not all_convs else calibrate_gates(self.env, self.p, True, base=self.base)
-        delta = fit_threshold(self.env, self.env.budget, calibration=cal)
-        return evaluate_channel_gating(self.env, delta, split=split, calibration=cal)
-
 
 @register("channel_gating")
 class ChannelGatingNet(ChannelGating):
@@ -451,9 +442,11 @@ class ChannelGatingNet(ChannelGating):
     plays the ``channel_gating_topk`` plan; the benchmark evaluates ``own_network()`` instead."""
 
     def own_network(self):
-        self.setup()
-        cal = calibrate_gates(self.env, self.p, True, base=self.base)
-        delta = fit_threshold(self.env, self.env.budget, calibration=cal)
-        model, gates = build_gated(self.env, cal, delta)
-        self.delta_all = delta
+        """The gated net at the env's budget and ``measure(net, split)``. Its effective FLOPs are measured wherever
+        it runs: after a fine-tune they can move away from the budget its ``delta`` was fitted to (reported as
+        measured)."""
+        o = merge_options(self.name, self.options, DEFAULTS)
+        cal = calibrate_gates(self.env, o["p"], True, base=o["base"])
+        self.delta = fit_threshold(self.env, self.env.budget, calibration=cal)
+        model, gates = build_gated(self.env, cal, self.delta)
         return model, lambda net, split: measure_gated(self.env, net, gates, cal, split)

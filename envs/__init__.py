@@ -30,13 +30,13 @@ ZOO_IDS = {
 }
 GENERIC_ID = "ChannelPrune-v0"
 # every registered id -> its default kwargs
-ENV_IDS: dict[str, dict] = {GENERIC_ID: {}, **{i: {"model": m, "dataset": "fashion-mnist"} for i, m in ZOO_IDS.items()}}
+ENV_IDS: dict[str, dict] = {GENERIC_ID: {},
+                             **{i: {"model": m, "dataset": "fashion-mnist"} for i, m in ZOO_IDS.items()}}
 
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:
         register(id=_env_id, entry_point="envs.channel_prune:ChannelPruneEnv", kwargs=dict(_kwargs),
                  max_episode_steps=None)
-
 
 
 def resolve_env_id(env_id: str) -> str:

@@ -98,7 +98,8 @@ class CostModel:
             return lim
         return {self.target: self.budget * self.base[self.target]}
 
-    def fits(self, kept: Sequence[int], rt: Sequence[int] | None = None, names: Sequence[str] | None = None) -> bool:
+    def fits(self, kept: Sequence[int], rt: Sequence[int] | None = None,
+             names: Sequence[str] | None = None) -> bool:
         costs, lim = self.costs(kept, rt), self.limits()
         return all(costs[n] <= lim[n] * _TOL for n in (names or lim) if n in lim)
 

@@ -40,13 +40,13 @@ class ChannelPruneEnv(gym.Env):
     ## Action Space
 
     ``Box(-1, 1, (1,), float32)`` in static mode, ``Box(-1, 1, (2,), float32)`` in runtime mode. Component 0 maps
-    linearly to the static keep ratio in ``[min_keep, 1]`` (-1 -> ``min_keep``, 1 -> keep all); component 1 (runtime
-    mode) maps to the runtime keep ratio in ``[min_keep, 1]``, the fraction of the statically kept channels each
-    input computes. Out-of-range actions are **clipped** to [-1, 1]; non-finite actions raise ``ValueError``.
-    Channel counts are rounded to multiples of ``round_to``. In the default ``budget_mode="wall"`` the ratio is
-    then clamped (AMC's action wall) so that the budget stays reachable with every later group at ``min_keep``:
-    the final model never exceeds the budget. ``info["clamped"]`` says by how much. Residual-stream groups have no
-    runtime gate: their runtime ratio is ignored (always 1).
+    linearly to the static keep ratio in ``[min_keep, 1]`` (-1 -> ``min_keep``, 1 -> keep all); component 1
+    (runtime mode) maps to the runtime keep ratio in ``[min_keep, 1]``, the fraction of the statically kept
+    channels each input computes. Out-of-range actions are **clipped** to [-1, 1]; non-finite actions raise
+    ``ValueError``. Channel counts are rounded to multiples of ``round_to``. In the default ``budget_mode="wall"``
+    the ratio is then clamped (AMC's action wall) so that the budget stays reachable with every later group at
+    ``min_keep``: the final model never exceeds the budget. ``info["clamped"]`` says by how much. Residual-stream
+    groups have no runtime gate: their runtime ratio is ignored (always 1).
 
     ## Observation Space
 
@@ -84,7 +84,8 @@ class ChannelPruneEnv(gym.Env):
       ``-CE / running mean CE`` (the running mean is an exponential average over episodes).
 
     With ``budget_mode="penalty"`` there is no wall and ``penalty_coef * (exp(excess) - 1)`` is subtracted, where
-    ``excess = max(0, cost ratio / budget - 1)`` summed over the constrained costs (Chen et al.'s exponential penalty).
+    ``excess = max(0, cost ratio / budget - 1)`` summed over the constrained costs (Chen et al.'s exponential
+    penalty).
 
     ## Starting State
 
@@ -107,8 +108,8 @@ class ChannelPruneEnv(gym.Env):
     ## Arguments
 
     Episode: ``reward`` (above), ``budget_mode`` in {wall, penalty}, ``penalty_coef``, ``render_mode`` ("ansi",
-    "rgb_array"). Problem (``envs.problem.PruningProblem``, or pass a built one as ``problem``): ``model`` (zoo name
-    or ``nn.Module``; a user model needs ``example_input`` and ``data``, a ``DatasetSplits``), ``dataset``
+    "rgb_array"). Problem (``envs.problem.PruningProblem``, or pass a built one as ``problem``): ``model`` (zoo
+    name or ``nn.Module``; a user model needs ``example_input`` and ``data``, a ``DatasetSplits``), ``dataset``
     ("fashion-mnist", "cifar10", "imagefolder"), ``data_dir``, ``checkpoint`` (default: the cache or the shipped
     file, trained when missing unless ``train_if_missing=False``), ``width``, ``budget`` in (0, 1], ``target`` in
     {flops, params, latency}, ``mode`` in {static, runtime}, ``storage_budget`` (runtime mode: parameters kept),
@@ -157,8 +158,8 @@ class ChannelPruneEnv(gym.Env):
     # the problem's facts, read-only (``env.problem`` has the rest)
     (base_model, data, graph, groups, n_groups, device, predictors, static_scores, gated, mode, cost, evaluate,
      recalibrate_bn) = (property(lambda self, n=n: getattr(self.problem, n)) for n in (
-        "base_model", "data", "graph", "groups", "n_groups", "device", "predictors", "static_scores", "gated", "mode",
-        "cost", "evaluate", "recalibrate_bn"))
+        "base_model", "data", "graph", "groups", "n_groups", "device", "predictors", "static_scores", "gated",
+        "mode", "cost", "evaluate", "recalibrate_bn"))
     budget, target, min_keep, round_to, storage_budget = (
         property(lambda self, n=n: getattr(self.problem.cost, n))
         for n in ("budget", "target", "min_keep", "round_to", "storage_budget"))
@@ -169,9 +170,10 @@ class ChannelPruneEnv(gym.Env):
 
     def build_pruned(self, kept: Sequence[int] | None = None, rt: Sequence[int] | None = None,
                      sparse: bool = False) -> nn.Module:
-        """The pruned network for counts ``kept`` (default: this episode's): ``PruningProblem.build_pruned``."""
-        if kept is None:
-            kept, rt = self._kept, self._rt if rt is None else rt
+        """The pruned network for counts ``kept`` and runtime counts ``rt`` (each defaults to this episode's):
+        ``PruningProblem.build_pruned``."""
+        kept = self._kept if kept is None else kept
+        rt = rt if rt is not None else (self._rt if self._t is not None else None)
         return self.problem.build_pruned(kept, rt, sparse=sparse)
 
     # ------------------------------------------------------------------------------------------ gym API
@@ -193,7 +195,8 @@ class ChannelPruneEnv(gym.Env):
             raise ValueError(f"step {self._t}: action {action!r} has {a.shape[0]} components; expected "
                              f"{self.action_space.shape[0]} (mode={self.mode!r})")
         if not np.all(np.isfinite(a)):
-            raise ValueError(f"step {self._t}: non-finite action {action!r}; actions must be finite numbers in [-1, 1]")
+            raise ValueError(f"step {self._t}: non-finite action {action!r}; actions must be finite numbers in "
+                             "[-1, 1]")
         a = np.clip(a, -1.0, 1.0)
         t, c = self._t, self.groups[self._t].num_channels
         want = ratio_of_action(a[0], self.min_keep)
@@ -265,7 +268,8 @@ class ChannelPruneEnv(gym.Env):
 
         ratios = [self._applied[i] if i < len(self._applied) else float("nan") for i in range(self.n_groups)]
         if self.render_mode == "ansi":
-            runtime = [self._rt_ratios[i] if i < len(self._rt_ratios) else float("nan") for i in range(self.n_groups)]
+            runtime = [self._rt_ratios[i] if i < len(self._rt_ratios) else float("nan")
+                       for i in range(self.n_groups)]
             return render_ansi(self.groups, ratios, runtime, self._t or 0, self._done_info)
         return render_rgb(self.groups, ratios)
 

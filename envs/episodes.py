@@ -10,6 +10,11 @@ import numpy as np
 from .budget import action_of_ratio
 
 
+def unwrap(env: gym.Env) -> gym.Env:
+    """The environment under any Gymnasium wrappers (``env.unwrapped``), or ``env`` itself."""
+    return env.unwrapped if hasattr(env, "unwrapped") else env
+
+
 def run_episode(env: gym.Env, policy: Any, seed: int | None = 0, deterministic: bool = True
                 ) -> tuple[float, dict[str, Any]]:
     """One episode of ``policy.predict`` on ``env`` reset with ``seed``; returns (return, the final info)."""

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .cost import compare_latency, count_macs, count_params
-from .episodes import actions_of_ratios, run_actions
+from .episodes import actions_of_ratios, run_actions, unwrap
 from .finetune import finetune
 from .machine import backend
 from .models import build_model
@@ -158,12 +158,6 @@ def load_exported(out_dir: str | Path) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- plans
-def unwrap(env):
-    """The ``ChannelPruneEnv`` under any Gymnasium wrappers."""
-    return env.unwrapped if hasattr(env, "unwrapped") else env
-
-
-
 def _check_counts(env, kept_counts: Sequence[int]) -> list[int]:
     try:
         kept = [int(k) for k in kept_counts]

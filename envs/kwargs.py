@@ -29,8 +29,10 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
         raise ValueError(f"reward={reward!r} is not allowed; allowed: {', '.join(REWARDS)} "
                          f"(aliases: {', '.join(REWARD_ALIASES)})")
     if kwargs.get("budget_mode", "wall") not in BUDGET_MODES:
-        raise ValueError(f"budget_mode={kwargs['budget_mode']!r} is not allowed; allowed: {', '.join(BUDGET_MODES)}")
+        raise ValueError(f"budget_mode={kwargs['budget_mode']!r} is not allowed; allowed: "
+                         f"{', '.join(BUDGET_MODES)}")
     if kwargs.get("render_mode") not in (None, *RENDER_MODES):
-        raise ValueError(f"render_mode={kwargs['render_mode']!r} is not allowed; allowed: None, 'ansi', 'rgb_array'")
+        raise ValueError(f"render_mode={kwargs['render_mode']!r} is not allowed; allowed: None, "
+                         f"{', '.join(map(repr, RENDER_MODES))}")
     settings = ("budget", "target", "mode", "storage_budget", "min_keep", "round_to", "scorer", "compensate")
     check_settings(**{k: kwargs[k] for k in settings if k in kwargs})

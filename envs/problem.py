@@ -29,6 +29,7 @@ from .importance import SCORERS, ImportanceContext, ImportancePredictors, Scorer
 from .inference import inference_context, resolve_precision
 from .latency import LatencyTable
 from .machine import resolve_device
+from .observation import BUDGET, group_features
 from .pretrain import Recipe, checkpoint_path, evaluate, get_pretrained
 from .runtime import GateSpec, install_gates
 
@@ -172,7 +173,9 @@ class PruningProblem:
         out.cost = self.cost.with_budget(budget)
         out.cost.check_reachable()
         out.kwargs = {**self.kwargs, "budget": float(budget)}
-        out._features = None
+        if self._features is not None:  # only the budget column changes
+            out._features = self._features.copy()
+            out._features[:, BUDGET] = out.cost.budget
         return out
 
     def derive(self, **overrides) -> "PruningProblem":
@@ -182,17 +185,15 @@ class PruningProblem:
         kwargs = {**self.kwargs, **overrides}
         if isinstance(kwargs["model"], nn.Module) and kwargs["example_input"] is None:
             kwargs["example_input"] = self.example_input
-        if kwargs["data"] is None and not set(overrides) & {"dataset", "data_dir", "reward_size", "calib_size",
-                                                              "split_seed"}:
-            kwargs["data"] = self.data  # the same splits: not loaded again
+        if "data" not in overrides:
+            new_splits = set(overrides) & {"dataset", "data_dir", "reward_size", "calib_size", "split_seed"}
+            kwargs["data"] = None if new_splits else self.data  # the same splits are not loaded again
         return PruningProblem(**kwargs)
 
     @property
     def features(self) -> np.ndarray:
         """Per-group observation features (``envs.observation``), computed on first use."""
         if self._features is None:
-            from .observation import group_features
-
             self._features = group_features(self)
         return self._features
 

@@ -255,7 +255,7 @@ def test_channel_gating_row_is_the_real_gated_network_not_the_topk_transfer(make
     from baselines.experiments.benchmark import own_network_row
 
     env = make_env(budget=0.7)
-    b = make_baseline("channel_gating", env).setup()
+    b = make_baseline("channel_gating", env)  # no setup(): its own network is not an env plan
     assert make_baseline("channel_gating_topk", env).own_network() is None  # the transfer is an env plan
     net, measure = b.own_network()
     gated = [m for m in net.modules() if isinstance(m, GatedConv)]

@@ -99,7 +99,7 @@ def test_an_older_results_csv_gets_the_new_columns(tmp_path):
         w = csv.DictWriter(f, fieldnames=old_fields)
         w.writeheader()
         w.writerow({"method": "l1", "kind": "baseline", "budget": 0.5, "status": "ok", "latency_b64_ms": 3.0})
-    bm._append_row(path, {"method": "uniform", "kind": "baseline", "budget": 0.5, "status": "ok",
+    bm.append_row(path, {"method": "uniform", "kind": "baseline", "budget": 0.5, "status": "ok",
                           "machine": "some CPU", "latency_b64_ms": 2.0})
     rows = _rows(path)
     assert list(rows[0]) == bm.FIELDS

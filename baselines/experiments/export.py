@@ -21,7 +21,8 @@ from typing import Any
 from baselines import available, make_baseline
 from envs import export as export_lib
 from envs.cli import parse_key_values
-from envs.export import env_arch, export_policy, export_pruned, jsonable_kwargs, make_env, unwrap
+from envs.episodes import unwrap
+from envs.export import env_arch, export_policy, export_pruned, jsonable_kwargs, make_env
 from envs.machine import backend, resolve_device
 
 

@@ -83,8 +83,8 @@ def evaluator_throughput(env, repeats: int) -> dict[str, float]:
     n = len(env.data.reward)
     dev = env.device
     plain = copy.deepcopy(env.base_model).to(dev)  # the base model stays on the CPU
-    out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(plain, env.data.reward, env.problem.eval_batch_size, dev),
-                                    repeats, dev)}
+    batch = env.problem.eval_batch_size
+    out = {"plain_fp32": n / _timed(lambda: _plain_fp32_eval(plain, env.data.reward, batch, dev), repeats, dev)}
     for precision in ("fp32", "bf16"):
         if precision == "bf16" and not backend(env.device).bf16:
             continue
@@ -141,7 +141,8 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
                  "rss_mb_end": memory_episodes - 1}
         for i in range(memory_episodes):
             rng = np.random.default_rng(i)  # random actions: every episode prunes to new layer shapes
-            run_actions(small, [rng.uniform(-1, 1, small.action_space.shape) for _ in range(small.n_groups)], seed=i)
+            actions = [rng.uniform(-1, 1, small.action_space.shape) for _ in range(small.n_groups)]
+            run_actions(small, actions, seed=i)
             result.update({name: _rss_mb() for name, at in marks.items() if at == i})
         result.update(memory_episodes=memory_episodes,
                       rss_growth_mb_10_to_end=result["rss_mb_end"] - result["rss_mb_after_10"])
