@@ -269,18 +269,21 @@ def fidelity(env, plans: int, finetune_steps: int, out: Path, seed: int = 0, pro
     search = RandomSearch(env, seed=seed, samples=plans)
     search.setup()
     lines = []
-    for i, h in enumerate(search.history):
-        kept, rt = env.cost.plan_counts(h["plan"])
-        net = env.build_pruned(kept, rt)
-        env.recalibrate_bn(net)
-        if finetune_steps > 0:
-            net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress, device=env.device)
-        lines.append({"plan": i, "cost_ratio": h["cost_ratio"], "reward_acc_before_ft": h["reward_accuracy"],
-                      "test_acc": env.evaluate(net, "test")[0]})
-    with open(out / "fidelity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(lines[0]))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "fidelity.csv", "w", newline="") as f:  # a line per plan as it finishes: a killed run keeps them
+        w = csv.DictWriter(f, fieldnames=["plan", "cost_ratio", "reward_acc_before_ft", "test_acc"])
         w.writeheader()
-        w.writerows(lines)
+        for i, h in enumerate(search.history):
+            kept, rt = env.cost.plan_counts(h["plan"])
+            net = env.build_pruned(kept, rt)
+            env.recalibrate_bn(net)
+            if finetune_steps > 0:
+                net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress,
+                               device=env.device)
+            lines.append({"plan": i, "cost_ratio": h["cost_ratio"], "reward_acc_before_ft": h["reward_accuracy"],
+                          "test_acc": env.evaluate(net, "test")[0]})
+            w.writerow(lines[-1])
+            f.flush()
     rho = spearmanr([x["reward_acc_before_ft"] for x in lines], [x["test_acc"] for x in lines])
     return {"plans": len(lines), "budget": env.budget, "finetune_steps": finetune_steps,
             "spearman": float(rho.statistic), "p_value": float(rho.pvalue)}
