@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .machine import backend
+from .machine import backend, cuda_numerics
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -45,7 +45,8 @@ def inference_context(model: nn.Module, precision: str = "auto", device: str | t
     home = first.device if first is not None else torch.device("cpu")
     model.to(device=be.device, memory_format=be.memory_format(training=False))
     try:
-        with torch.autocast(be.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(be.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), \
+                cuda_numerics(be.device, tf32=precision != "fp32"):  # "fp32" is exact float32 on a GPU too
             yield be.device
     finally:
         model.to(device=home, memory_format=torch.contiguous_format)

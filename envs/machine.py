@@ -27,6 +27,7 @@ but the network to train has none.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -70,6 +71,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise ValueError(f"device={device!r}: torch sees no CUDA GPU here; use 'cpu' or 'auto'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        try:
+            torch.cuda.init()
+        except RuntimeError as exc:  # a worker forked from a parent that had used CUDA
+            raise RuntimeError(
+                f"device={device!r} is CUDA, but this process was forked after its parent used CUDA, and CUDA "
+                "cannot start in such a child: start workers with the 'spawn' or 'forkserver' method "
+                "(gym.make_vec(..., vector_kwargs={'context': 'spawn'}); SB3's SubprocVecEnv uses forkserver) "
+                "or pass device='cpu'") from exc
     return dev
 
 
@@ -93,6 +102,25 @@ class Backend:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(enabled and self.bf16))
 
 
+@contextlib.contextmanager
+def cuda_numerics(device: torch.device, *, tf32: bool | None = None, deterministic: bool = True):
+    """On a CUDA ``device``: cuDNN's deterministic kernels (same inputs, same result) and, unless ``tf32`` is
+    None, TF32 tensor cores on or off for float32 convolutions and matmuls (off: exact float32, as on a CPU);
+    the previous settings are restored on exit. A no-op on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.deterministic, cudnn.benchmark = deterministic, cudnn.benchmark and not deterministic
+    if tf32 is not None:
+        cudnn.allow_tf32 = matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def cpu_name() -> str:
     """CPU model and its widest vector ISA, e.g. "AMD EPYC (avx2)"."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -108,6 +136,12 @@ def cpu_name() -> str:
     forced = {v: os.environ[v] for v in _ISA_VARS if os.environ.get(v)}
     extra = ", ".join(isa + [f"{k}={v}" for k, v in forced.items()])
     return f"{model} ({extra})" if extra else model
+
+
+def cpu_machine() -> str:
+    """This CPU as every timing names it, without probing: model and ISA, and the threads torch uses."""
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def _cpu_key() -> str:
@@ -264,10 +298,9 @@ def backend(device: str | torch.device = "auto") -> Backend:
         name = f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})"
         be = Backend(dev, True, True, bool(torch.cuda.is_bf16_supported()), name)
     else:
-        p = _cpu_probe_cached(_cpu_key())
-        name = f"{p['machine']}, {p['threads']} thread{'s' if p['threads'] != 1 else ''}"
+        p = _cpu_probe_cached(_cpu_key())  # keyed by cpu_name() and the threads, among others
         be = Backend(dev, p["eval_format"] == "channels_last", p["train_format"] == "channels_last",
-                     bool(p["eval_bf16"]) and bool(p.get("train_bf16_safe", False)), name, p)
+                     bool(p["eval_bf16"]) and bool(p.get("train_bf16_safe", False)), cpu_machine(), p)
     ev, tr = _override("CHANNELPRUNE_EVAL_FORMAT"), _override("CHANNELPRUNE_TRAIN_FORMAT")
     if ev is not None or tr is not None:
         be = dataclasses.replace(be, eval_channels_last=be.eval_channels_last if ev is None else ev,

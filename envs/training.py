@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
-from .machine import Backend, backend
+from .machine import Backend, backend, cuda_numerics
 
 SAMPLERS = ("epoch", "epoch_drop_last", "replacement")
 
@@ -115,29 +115,30 @@ def train_steps(
     model.train()
     loss_value = float("nan")
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", mininterval=2.0, file=sys.stderr)
-    for i in bar:
-        idx = next(batches)
-        x, y = split.x[idx], split.y[idx]
-        if pad or flip:
-            x = augment(x, pad, flip, generator)
-        x = x.to(be.device, non_blocking=True).contiguous(memory_format=mf)
-        y = y.to(be.device, non_blocking=True)
-        with be.autocast(bf16):
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-        total = loss + penalty(model) if penalty is not None else loss
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
-        total.backward()
-        for o in optimizers:
-            o.step()
-        for s in schedulers:
-            s.step()
-        if after_step is not None:
-            with torch.no_grad():
-                after_step(model)
-        if progress and i % log_every == 0:
-            loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.3f}", total=f"{total.item():.3f}")
+    with cuda_numerics(be.device):  # deterministic cuDNN kernels (atomics in some backward ops remain)
+        for i in bar:
+            idx = next(batches)
+            x, y = split.x[idx], split.y[idx]
+            if pad or flip:
+                x = augment(x, pad, flip, generator)
+            x = x.to(be.device, non_blocking=True).contiguous(memory_format=mf)
+            y = y.to(be.device, non_blocking=True)
+            with be.autocast(bf16):
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            total = loss + penalty(model) if penalty is not None else loss
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            total.backward()
+            for o in optimizers:
+                o.step()
+            for s in schedulers:
+                s.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(model)
+            if progress and i % log_every == 0:
+                loss_value = loss.item()
+                bar.set_postfix(loss=f"{loss_value:.3f}", total=f"{total.item():.3f}")
     if steps:
         loss_value = loss.item()
     model.to(device=home, memory_format=torch.contiguous_format)

@@ -38,7 +38,7 @@ def test_tiny_benchmark_writes_everything_and_resumes(tiny_gym_kwargs, tmp_path,
 
     from baselines import make_baseline
 
-    env = gym.make("ChannelPrune-ResNet20-v0", budget=0.6, **kwargs).unwrapped
+    env = gym.make("ChannelPrune-ResNet20-v0", budget=0.6, **kwargs, device="cpu").unwrapped
     plan = make_baseline("uniform", env).setup().ratios
     kept, rt = env.cost.plan_counts(plan)
     net = env.build_pruned(kept, rt)
@@ -114,6 +114,10 @@ def test_device_conflicts_and_missing_gpus_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         bm.main(["--baselines", "uniform", "--device", "cpu", "--env-kwargs", "device=cuda", "--out",
                  str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="latency='gpu' is not allowed"):
+        bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform"], [], episodes=1, finetune_steps=0,
+                     out=tmp_path / "e", device="cpu", latency="gpu")
+    assert not (tmp_path / "e").exists()  # checked before anything is built or written
     if torch.cuda.is_available():
         return
     with pytest.raises(ValueError, match="no CUDA GPU"):

@@ -251,13 +251,13 @@ def test_resume_from_partial(small_data, tmp_path, monkeypatch, capsys):
     partial = path.with_name(path.name + ".partial")
 
     # Reference: the same recipe without interruption (no path: no partial file).
-    ref_model, _ = train("resnet20", small_data, WIDTH, RESUME_RECIPE, path=None, progress=False)
+    ref_model, _ = train("resnet20", small_data, WIDTH, RESUME_RECIPE, path=None, progress=False, device="cpu")
 
     # Interrupted during epoch 2 (step 3 of 4): the partial file holds epoch 1.
     with monkeypatch.context() as mp:
         steps = _count_steps(mp, fail_at=3)
         with pytest.raises(Interrupted):
-            train("resnet20", small_data, WIDTH, RESUME_RECIPE, path=path, progress=False)
+            train("resnet20", small_data, WIDTH, RESUME_RECIPE, path=path, progress=False, device="cpu")
         assert len(steps) == 3
     assert partial.exists()
     state = torch.load(partial, map_location="cpu", weights_only=True)
@@ -268,7 +268,7 @@ def test_resume_from_partial(small_data, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     with monkeypatch.context() as mp:
         steps = _count_steps(mp)
-        model, meta = train("resnet20", small_data, WIDTH, RESUME_RECIPE, path=path, progress=False)
+        model, meta = train("resnet20", small_data, WIDTH, RESUME_RECIPE, path=path, progress=False, device="cpu")
         assert len(steps) == 2
     assert "resuming" in capsys.readouterr().err
     assert torch.load(partial, map_location="cpu", weights_only=True)["epoch"] == 2

@@ -203,8 +203,10 @@ def test_pickle_mid_episode_restarts_cleanly(make_env):
 
 @pytest.mark.parametrize("vectorization_mode", ["sync", "async"])
 def test_make_vec_runs_episodes(tiny_gym_kwargs, vectorization_mode):
+    # a forked worker cannot use CUDA once the parent has: with a GPU, async workers are spawned
+    spawn = vectorization_mode == "async" and torch.cuda.is_available()
     venv = gym.make_vec("ChannelPrune-ResNet20-v0", num_envs=2, vectorization_mode=vectorization_mode,
-                        **tiny_gym_kwargs)
+                        vector_kwargs={"context": "spawn"} if spawn else None, **tiny_gym_kwargs)
     try:
         obs, _ = venv.reset(seed=0)
         assert obs.shape == (2, 23) and obs.dtype == np.float32

@@ -85,10 +85,10 @@ def test_export_roundtrip_matches_env(make_env, tiny_setup, tmp_path):
     # every timing names its machine: the env's device, and the CPU (and threads) that timed the latency
     from envs.machine import backend
 
-    assert report["device"] == "cpu" and report["machine"] == backend("cpu").machine
+    assert report["device"] == str(env.device) and report["machine"] == backend(env.device).machine
     assert report["latency"]["device"] == "cpu" and report["latency"]["machine"] == backend("cpu").machine
     assert report["latency"]["threads"] == torch.get_num_threads()
-    assert "latency_device" not in report  # a second latency block only for a GPU
+    assert ("latency_device" in report) == (env.device.type == "cuda")  # a second latency block only for a GPU
 
     # config.json is plain JSON (no pickle) that records every conv / bn / linear's channels; weights are tensors
     raw = (out / CONFIG_FILE).read_bytes()

@@ -184,7 +184,7 @@ def test_scorers_return_one_finite_array_per_group(make_env, name):
     for g, s in zip(env.groups, env.static_scores):
         assert s.shape == (g.num_channels,) and np.all(np.isfinite(s))
         assert np.ptp(s) > 0  # they do rank the channels
-    ctx = ImportanceContext(env.base_model, env.graph, env.data.calib, env.data.train)
+    ctx = ImportanceContext(env.base_model, env.graph, env.data.calib, env.data.train, device=env.device)
     direct = (env.predictors and make_scorer(name, env.predictors) or make_scorer(name)).scores(ctx)
     for a, b in zip(direct, env.static_scores):
         np.testing.assert_allclose(a, b)

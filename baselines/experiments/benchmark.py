@@ -20,11 +20,12 @@ Seeds. ``--seeds 0 1 2`` runs every stochastic part once per seed; ``results.md`
 the mean and a 95% t interval over seeds, and marks a learned row better than the best scripted method or than
 random search only where the intervals do not overlap (``stats.py``).
 
-Latency. The exported (physically pruned, static) network's CPU latency at batch 64 is measured against the
-unpruned net, the two alternately (``envs.cost.compare_latency``); on a GPU device also there. ``--device``
-("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is where the env evaluates, the baselines
-compute, the agents' envs run and the fine-tune trains. Every row names its machines: ``machine`` (the device's)
-and ``cpu_machine`` (the CPU that timed the CPU latency), from ``envs.machine.backend``.
+Latency. The exported (physically pruned, static) network's latency at batch 64 is measured against the
+unpruned net, the two alternately (``envs.cost.compare_latency``), on the benchmark's device (``--latency
+device``, the default), on the CPU (``cpu``) or both (``both``; on a GPU run the CPU timings share the machine's
+cores with the GPU work). ``--device`` ("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is
+where the env evaluates, the baselines compute, the agents' envs run and the fine-tune trains. Every row names its
+machines: ``machine`` (the device's) and ``cpu_machine`` (the CPU and threads that time CPU latency).
 
 Outputs in ``--out``: ``results.csv`` (one row per method, budget and seed, appended as they finish; a rerun
 skips finished rows), ``results.md``, ``pareto.png`` (test accuracy with intervals vs FLOPs),
@@ -51,7 +52,7 @@ import envs  # noqa: F401 - registers the ids
 from envs.cli import parse_key_values
 from envs.cost import compare_latency, measure_latency
 from envs.episodes import run_episode
-from envs.machine import backend, resolve_device
+from envs.machine import backend, cpu_machine, resolve_device
 
 from .stats import CONFIDENCE, compare, estimate
 
@@ -90,26 +91,41 @@ def append_row(path: Path, row: dict) -> None:
         w.writerow({k: row.get(k, "") for k in FIELDS})
 
 
+LATENCY = ("device", "cpu", "both")
+
+
 def machines(device) -> dict:
-    """The ``device`` / ``machine`` / ``cpu_machine`` fields of a row (``envs.machine.backend``)."""
+    """The ``device`` / ``machine`` / ``cpu_machine`` fields of a row (``envs.machine``; naming the CPU probes
+    nothing)."""
     be = backend(device)
-    return {"device": str(be.device), "machine": be.machine,
-            "cpu_machine": be.machine if be.device.type == "cpu" else backend("cpu").machine}
+    return {"device": str(be.device), "machine": be.machine, "cpu_machine": cpu_machine()}
 
 
-def plan_latency(env, static) -> dict:
-    """Batch-64 latency of the exported net ``static`` vs the unpruned net, alternately: on the CPU, and on the
-    env's device too when that is a GPU."""
+def _latency_devices(env, latency: str) -> tuple[bool, bool]:
+    """(time on the CPU, time on the GPU) for ``latency`` ("device": where the benchmark runs; "cpu"; "both")."""
+    if latency not in LATENCY:
+        raise ValueError(f"latency={latency!r} is not allowed; allowed: {', '.join(LATENCY)}")
+    gpu = env.device.type == "cuda"
+    return latency in ("cpu", "both") or not gpu, gpu and latency in ("device", "both")
+
+
+def plan_latency(env, static, latency: str = "device") -> dict:
+    """Batch-64 latency of the exported net ``static`` vs the unpruned net, the two alternately, where
+    ``latency`` says: on the benchmark's device ("device"), on the CPU ("cpu") or both ("both")."""
     shape = tuple(env.problem.example_input.shape[1:])
-    lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device="cpu")
-    out = {"latency_b64_ms": 1000 * lat, "speedup_b64": base_lat / lat}
-    if env.device.type == "cuda":
+    on_cpu, on_gpu = _latency_devices(env, latency)
+    out = {}
+    if on_cpu:
+        lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device="cpu")
+        out.update(latency_b64_ms=1000 * lat, speedup_b64=base_lat / lat)
+    if on_gpu:
         lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device=env.device)
         out.update(latency_b64_ms_device=1000 * lat, speedup_b64_device=base_lat / lat)
     return out
 
 
-def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: int = 0) -> dict:
+def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: int = 0, latency: str = "device"
+                  ) -> dict:
     """Test accuracy of the pruned net of ``info`` before and after the common fine-tune (on ``env.device``, data
     order from ``seed``); exported latency (``plan_latency``). Nothing here chooses anything."""
     from envs.finetune import finetune
@@ -126,7 +142,7 @@ def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: in
     test_acc, _ = env.evaluate(net, "test")
     static = env.graph.prune_copy(env.kept_channels(kept))  # exported net: static pruning only
     return {"test_acc_before_ft": test_before, "test_acc": test_acc, "finetune_seconds": ft_s,
-            **plan_latency(env, static)}
+            **plan_latency(env, static, latency)}
 
 
 def own_network_row(method: str, budget: float, env, net, measure, finetune_steps: int, progress: bool,
@@ -170,6 +186,7 @@ def benchmark(
     seeds: Sequence[int] = (0,),
     progress: bool = True,
     device: str | None = None,
+    latency: str = "device",
 ) -> list[dict]:
     """Run the benchmark (see the module docstring); returns the rows of ``out/results.csv``.
 
@@ -177,6 +194,7 @@ def benchmark(
     baselines, the common fine-tune's data order); ``results.md`` reports means and intervals over them.
     ``device``: "auto", "cpu", "cuda" or "cuda:N" for the env, the baselines, the agents' envs and the common
     fine-tune; None takes ``env_kwargs["device"]``, else "auto". Giving both, differently, is a ValueError.
+    ``latency``: where the exported nets are timed: "device" (where the benchmark runs), "cpu" or "both".
     """
     from baselines import make_baseline
 
@@ -188,6 +206,8 @@ def benchmark(
         env_kwargs["device"] = device
     env_kwargs.setdefault("device", "auto")
     resolve_device(env_kwargs["device"])  # a clear ValueError before anything is built or written
+    if latency not in LATENCY:
+        raise ValueError(f"latency={latency!r} is not allowed; allowed: {', '.join(LATENCY)}")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds!r} must be distinct integers, at least one")
@@ -203,7 +223,7 @@ def benchmark(
         env = first if budget == budgets[0] else first.derive(budget=budget)  # one problem, shared
         where = machines(env.device)
         if ("unpruned", 1.0, 0) not in done:
-            append_row(csv_path, {**unpruned_row(env), **where})
+            append_row(csv_path, {**unpruned_row(env, latency), **where})
             done.add(("unpruned", 1.0, 0))
         for seed in seeds:
             jobs = [("baseline", n, [n]) for n in baselines] + [("agent", a, [a, f"{a}_best"]) for a in agents]
@@ -236,7 +256,7 @@ def benchmark(
                             continue
                         info = run_episode(run_env, policy, seed=0)[1]
                         row = _row_from_info(method, kind, budget, info)
-                        row.update(evaluate_plan(run_env, info, finetune_steps, progress, seed))
+                        row.update(evaluate_plan(run_env, info, finetune_steps, progress, seed, latency))
                         row.update(status="ok", seed=seed, search_seconds=search_s, evaluations=evaluations)
                         append_row(csv_path, {**row, **where})
                 except Exception as exc:  # noqa: BLE001 - one method's crash must not lose the others' rows
@@ -270,7 +290,7 @@ def fidelity(env, plans: int, finetune_steps: int, out: Path, seed: int = 0, pro
     search.setup()
     lines = []
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "fidelity.csv", "w", newline="") as f:  # a line per plan as it finishes: a killed run keeps them
+    with open(out / "fidelity.csv", "w", newline="") as f:  # a line per plan as it ends: a killed run keeps them
         w = csv.DictWriter(f, fieldnames=["plan", "cost_ratio", "reward_acc_before_ft", "test_acc"])
         w.writeheader()
         for i, h in enumerate(search.history):
@@ -293,12 +313,16 @@ def _key(row: dict) -> tuple[str, float, int]:
     return row["method"], float(row["budget"]), int(row.get("seed") or 0)  # no seed: a row of an older version
 
 
-def unpruned_row(env) -> dict:
-    """The reference row: the unpruned network's accuracies and latency (no fine-tune)."""
+def unpruned_row(env, latency: str = "device") -> dict:
+    """The reference row: the unpruned network's accuracies and latency (no fine-tune; timed as ``latency`` says,
+    see ``plan_latency``)."""
     shape = tuple(env.problem.example_input.shape[1:])
-    base_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device="cpu")
-    lat = {"latency_b64_ms": 1000 * base_lat, "speedup_b64": 1.0}
-    if env.device.type == "cuda":
+    on_cpu, on_gpu = _latency_devices(env, latency)
+    lat = {}
+    if on_cpu:
+        base_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device="cpu")
+        lat.update(latency_b64_ms=1000 * base_lat, speedup_b64=1.0)
+    if on_gpu:
         dev_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device=env.device)
         lat.update(latency_b64_ms_device=1000 * dev_lat, speedup_b64_device=1.0)
     acc, _ = env.evaluate(env.base_model, "reward")
@@ -361,7 +385,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             summary[m] = {"budget": budget, "method": m, "kind": rs[0]["kind"], "seeds": len(rs),
                           **{k: estimate([_num(r.get(k)) for r in rs]) for k in (
                               "test_acc", "test_acc_before_ft", "reward_acc_before_ft", "flops_ratio",
-                              "effective_flops_ratio", "speedup_b64", "evaluations")}}
+                              "effective_flops_ratio", "speedup_b64", "speedup_b64_device", "evaluations")}}
         learned = [s for s in summary.values() if s["kind"] == "agent"]
         scripted = [s for m, s in summary.items() if s["kind"] == "baseline" and m != SCRIPTED_CONTROL
                     and _comparable(s, learned, budget)]
@@ -409,12 +433,14 @@ def write_markdown(rows: list[dict], path: Path, env_id: str, finetune_steps: in
              f"Search, fine-tune{' and device latency' if on_device else ''} on: {_distinct(rows, 'machine')}. "
              f"CPU latency on: {_distinct(rows, 'cpu_machine')}.", "",
              "| method | budget | seeds | test acc after FT | test acc before FT | selection acc (reward split) | "
-             "eff. FLOPs | speed-up CPU b64 | evaluations | vs scripted | vs random search |",
-             "|" + "|".join(["---"] * 11) + "|"]
+             "eff. FLOPs | speed-up CPU b64 | " + ("speed-up device b64 | " if on_device else "") +
+             "evaluations | vs scripted | vs random search |",
+             "|" + "|".join(["---"] * (12 if on_device else 11)) + "|"]
     for s in sorted(summary, key=lambda s: (s["budget"], s["kind"] != "reference", s["method"])):
         lines.append(f"| {s['method']} | {s['budget']:.2f} | {s['seeds']} | {s['test_acc'].text()} | "
                      f"{s['test_acc_before_ft'].text()} | {s['reward_acc_before_ft'].text()} | "
                      f"{s['effective_flops_ratio'].text('{:.3f}')} | {s['speedup_b64'].text('{:.2f}')} | "
+                     + (f"{s['speedup_b64_device'].text('{:.2f}')} | " if on_device else "") +
                      f"{s['evaluations'].text('{:.0f}')} | {s.get('vs_scripted', '')} | "
                      f"{s.get('vs_random_search', '')} |")
     head = ("| method | budget | seed | selection acc | test acc before FT | test acc after FT | FLOPs | params | "
@@ -533,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None,
                    help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N: where the env "
                         "evaluates, the baselines compute and the fine-tune trains (latency: CPU, plus the GPU)")
+    p.add_argument("--latency", choices=LATENCY, default="device",
+                   help="time the exported nets on the benchmark's device (default), on the CPU, or both")
     p.add_argument("--fidelity", type=int, default=0, metavar="K",
                    help="also score K random plans on the reward split and fine-tune them: Spearman correlation "
                         "with their test accuracy after the fine-tune (fidelity.json, fidelity.csv; first budget)")
@@ -560,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     rows = benchmark(args.env, args.budgets, names, args.agents, args.episodes, args.finetune_steps,
-                     Path(args.out), env_kwargs, runs, args.seeds, device=args.device)
+                     Path(args.out), env_kwargs, runs, args.seeds, device=args.device, latency=args.latency)
     if args.fidelity:
         env = gym.make(args.env, budget=args.budgets[0], **{**env_kwargs, "device": args.device or
                                                             env_kwargs.get("device", "auto")}).unwrapped
