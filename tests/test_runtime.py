@@ -187,7 +187,7 @@ def test_scorers_return_one_finite_array_per_group(make_env, name):
     ctx = ImportanceContext(env.base_model, env.graph, env.data.calib, env.data.train, device=env.device)
     direct = (env.predictors and make_scorer(name, env.predictors) or make_scorer(name)).scores(ctx)
     for a, b in zip(direct, env.static_scores):
-        np.testing.assert_allclose(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-6)  # float32 scores vs their float64 copy (seen on CUDA: 1e-7)
     # the kept channels are the top of that ranking
     kept = env.kept_channels([max(1, g.num_channels // 4) for g in env.groups])
     for s, k in zip(env.static_scores, kept):
