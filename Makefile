@@ -10,7 +10,7 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install -e ".[dev,export]"
+	$(PY) -m pip install -e ".[dev,export,ray]"
 	@rm -f .venv/.installed-*; touch $(STAMP)
 
 data:

@@ -163,16 +163,21 @@ class EnvFactory:
 
 
 def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, baseline_alpha: float | None = None,
-                 start_method: str | None = None):
-    """DummyVecEnv for one env, SubprocVecEnv (one torch thread per worker) for several.
+                 start_method: str | None = None, ray_address: str | None = None):
+    """DummyVecEnv for one env, SubprocVecEnv (one torch thread per worker) for several; with ``ray_address``
+    ("local" or a cluster's address) a ``RayVecEnv``: each env a Ray actor with one CPU, anywhere on the cluster.
 
-    With several, the env is built once here first, so the checkpoint, data and predictor caches exist before the
-    workers start; the workers only read them (``train_if_missing=False``, no progress output)."""
+    With workers, the env is built once here first, so the checkpoint, data and predictor caches exist before
+    they start; the workers only read them (``train_if_missing=False``, no progress output)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    if n_envs == 1:
+    if n_envs == 1 and ray_address is None:
         return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, baseline_alpha)])
     gym.make(env_id, **env_kwargs).close()
     worker_kwargs = {**env_kwargs, "progress": False, "train_if_missing": False}
-    return SubprocVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha) for _ in range(n_envs)],
-                         start_method=start_method)
+    factories = [EnvFactory(env_id, worker_kwargs, True, baseline_alpha) for _ in range(n_envs)]
+    if ray_address is not None:
+        from .distributed import RayVecEnv
+
+        return RayVecEnv(factories, address=ray_address)
+    return SubprocVecEnv(factories, start_method=start_method)

@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401  (registers the ChannelPrune-* ids)
-from envs.budget import action_of_ratio
+from envs.episodes import plan_action, step_of
 
 from .common import BEST_FILE, check_env_id
 
@@ -63,22 +63,16 @@ class BestPolicy:
         return cls(rec["keep_ratios"], rec["min_keep"], rec.get("runtime_ratios"), rec.get("mode", "static"), rec)
 
     def action_for_step(self, t: int) -> np.ndarray:
-        t = int(min(max(t, 0), self.n_groups - 1))
-        a = [action_of_ratio(self.keep_ratios[t], self.min_keep)]
-        if self.mode == "runtime":
-            rt = 1.0 if self.runtime_ratios is None else self.runtime_ratios[t]
-            a.append(action_of_ratio(rt, self.min_keep))
-        return np.asarray(a, dtype=np.float32)
-
-    def _step_of(self, obs_row: np.ndarray) -> int:
-        return int(round(float(obs_row[0]) * max(self.n_groups - 1, 1)))
+        if not 0 <= int(t) < self.n_groups:
+            raise ValueError(f"step t={t!r} is outside this {self.n_groups}-group plan")
+        return plan_action(int(t), self.keep_ratios, self.runtime_ratios, self.min_keep, self.mode == "runtime")
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
-        """SB3's interface: (action or batch of actions, state)."""
+        """SB3's interface: (action or batch of actions, state). An observation of a model with another number
+        of groups raises ValueError (``envs.episodes.step_of``)."""
         obs = np.asarray(observation, dtype=np.float64)
-        if obs.ndim == 1:
-            return self.action_for_step(self._step_of(obs)), state
-        return np.stack([self.action_for_step(self._step_of(o)) for o in obs]), state
+        acts = [self.action_for_step(step_of(o, self.n_groups)) for o in obs.reshape(-1, obs.shape[-1])]
+        return (acts[0] if obs.ndim == 1 else np.stack(acts)), state
 
 
 def make_env_from_record(rec: dict[str, Any], where: str = "record", **overrides: Any) -> gym.Env:

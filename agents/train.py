@@ -76,6 +76,7 @@ def train(
     n_envs: int = 1,
     seed: int = 0,
     out: str | Path | None = None,
+    ray_address: str | None = None,
     progress: bool = True,
     episode_reward: bool | None = None,
     presets: str | Path | dict | None = None,
@@ -90,7 +91,9 @@ def train(
         env_id: a registered ChannelPrune id; ``env_kwargs`` go to ``ChannelPruneEnv`` (checked first).
         episodes / timesteps: the budget (one of them; default ``DEFAULT_EPISODES`` episodes). Episodes are
             counted over all envs; training stops right after the episode that reaches the count.
-        n_envs: parallel envs (SubprocVecEnv when > 1).
+        n_envs: parallel envs (SubprocVecEnv when > 1; Ray actors with ``ray_address``).
+        ray_address: run the envs as Ray actors: "local" starts Ray here, else a cluster's address
+            ("auto", "HOST:PORT"); the same seeds give the same episodes as without.
         seed: seeds SB3 (networks, exploration, env resets).
         out: run directory (created; must be writable; a previous run's best.json and model.zip there are
             removed first). Default ``runs/<env id>/<algo>_s<seed>_<time>``.
@@ -128,7 +131,8 @@ def train(
 
     er = bool(hp.get("episode_reward", False))
     alpha = float(hp.get("baseline_alpha", 0.5))
-    vec_env = make_vec_env(env_id, env_kwargs, n_envs, baseline_alpha=alpha if er and algo in ON_POLICY else None)
+    vec_env = make_vec_env(env_id, env_kwargs, n_envs, baseline_alpha=alpha if er and algo in ON_POLICY else None,
+                           ray_address=ray_address)
     try:
         attrs = {k: vec_env.get_attr(k, indices=0)[0]
                  for k in ("n_groups", "min_keep", "mode", "budget", "target", "round_to", "storage_budget")}
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--timesteps", type=int, help="environment steps over all envs")
     p.add_argument("--n-envs", type=int, default=1, help="parallel envs (SubprocVecEnv, one torch thread each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the --n-envs envs as Ray actors: on a local Ray, or on the cluster at ADDRESS")
     p.add_argument("--out", help="run directory (default runs/<env>/<algo>_s<seed>_<time>)")
     p.add_argument("--episode-reward", action=argparse.BooleanOptionalAction, default=None,
                    help="AMC's episode-level reward assignment (default: the preset's; on for ddpg)")
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         env_kwargs = parse_key_values(args.env_kwargs, "--env-kwargs")
         overrides = parse_key_values(args.hyperparams, "--hyperparams")
         run_dir = train(args.algo, args.env, env_kwargs, episodes=args.episodes, timesteps=args.timesteps,
-                        n_envs=args.n_envs, seed=args.seed, out=out, progress=not args.no_progress,
+                        n_envs=args.n_envs, seed=args.seed, out=out, ray_address=args.ray,
+                        progress=not args.no_progress,
                         episode_reward=args.episode_reward, presets=args.presets,
                         tensorboard=not args.no_tensorboard, verbose=args.verbose, **overrides)
     except ValueError as exc:

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs.budget import action_of_ratio
 from envs.channel_prune import ChannelPruneEnv
-from envs.episodes import unwrap
+from envs.episodes import plan_action, step_of, unwrap
 from envs.observation import PER_STEP
 
 REGISTRY: dict[str, type["Baseline"]] = {}
@@ -109,11 +108,8 @@ class Baseline:
 
     def action_for_step(self, t: int) -> np.ndarray:
         self.setup()
-        mk = self.eval_env.min_keep
-        a = [action_of_ratio(self.ratios[t], mk)]
-        if self.eval_env.mode == "runtime":
-            a.append(action_of_ratio(1.0 if self.runtime_ratios is None else self.runtime_ratios[t], mk))
-        return np.asarray(a, dtype=np.float32)
+        return plan_action(t, self.ratios, self.runtime_ratios, self.eval_env.min_keep,
+                           self.eval_env.mode == "runtime")
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
         """SB3's policy interface; the step index is read from observation[0] (index / (n_groups - 1)).
@@ -127,11 +123,13 @@ class Baseline:
         return (acts[0] if obs.ndim == 1 else np.stack(acts)), state
 
     def _step_of(self, obs: np.ndarray) -> int:
-        n = self.eval_env.n_groups
-        t = min(max(int(round(obs[0] * max(n - 1, 1))), 0), n - 1)
-        expected = self.eval_env.problem.features[t]
+        try:
+            t = step_of(obs, self.eval_env.n_groups)
+        except ValueError:
+            t = None
+        expected = self.eval_env.problem.features[t if t is not None else 0]
         fixed = [i for i in range(len(expected)) if i not in PER_STEP]
-        if obs.shape != expected.shape or not np.allclose(obs[fixed], expected[fixed], atol=1e-5):
+        if t is None or obs.shape != expected.shape or not np.allclose(obs[fixed], expected[fixed], atol=1e-5):
             raise ValueError(f"{self.name}: this observation does not come from the env the plan was made for "
                              "(another model, channel order, budget or mode); evaluate the baseline on "
                              "baseline.setup().eval_env, e.g. evaluate_policy(b, b.eval_env)")

@@ -58,7 +58,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import brentq
 from torch import nn
 
 from envs.channel_prune import ChannelPruneEnv
@@ -421,17 +420,9 @@ class ChannelGating(Baseline):
         return np.stack([static, rt], axis=1)
 
     def _fit_static(self, rt: np.ndarray) -> np.ndarray:
-        """Uniform static ratio s (root-found) such that the plan (s, rt) meets the budget."""
+        """The largest uniform static ratio s whose plan (s, rt) meets the budget (the env's root-finder)."""
         env = self.eval_env
-
-        def excess(s: float) -> float:
-            return cost_of_ratios(env, np.full(env.n_groups, s), rt) - env.budget
-
-        if excess(env.min_keep) > 0:
-            return np.full(env.n_groups, env.min_keep)
-        s = brentq(excess, env.min_keep, 1.0, xtol=1e-4)
-        while excess(s) > 0 and s > env.min_keep:  # channel rounding: step down until it fits
-            s = max(env.min_keep, s * 0.999)
+        s = env.cost.fit_parameter(lambda s: (np.full(env.n_groups, s), rt), env.min_keep, 1.0)
         return np.full(env.n_groups, s)
 
 

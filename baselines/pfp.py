@@ -9,7 +9,7 @@ Data-informed filter sensitivities turned into per-layer budgets by a sampling b
         S_l  = sum_j s_j,  p_j = s_j / S_l
         m_l(eps) = K (6 + 2 eps) S_l log(8 eta / delta) / eps^2     # samples for a (1 +- eps) approximation
         keep_l(eps) = E[#unique filters in m_l i.i.d. draws from p] = sum_j 1 - (1 - p_j)^m_l
-    eps* = the one global eps whose plan meets the budget (scipy's brentq)
+    eps* = the one global eps whose plan meets the budget (the env's root-finder, scipy's brentq)
     keep in layer l the keep_l(eps*) filters of largest sensitivity
 
 Details and deviations:
@@ -40,11 +40,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import brentq
 from torch import nn
 from tqdm.auto import tqdm
 
 from envs.channel_prune import ChannelPruneEnv
+from envs.episodes import unwrap
 from envs.groups import GroupGraph
 from envs.importance import ImportanceContext
 from envs.machine import resolve_device
@@ -181,20 +181,13 @@ def find_eps(env: ChannelPruneEnv, sensitivities: Sequence[np.ndarray], budget: 
     def plan(u: float) -> np.ndarray:
         return np.clip(keep_ratios(sensitivities, math.exp(u), delta), env.min_keep, 1.0)
 
-    def excess(u: float) -> float:
-        return cost_of_ratios(env, plan(u)) - budget
-
-    lo, hi = math.log(1e-6), math.log(1e6)  # eps -> 0: every sampled channel kept; eps -> inf: min_keep
-    if excess(lo) <= 0:
-        return math.exp(lo), plan(lo)
-    if excess(hi) > 0:
+    # eps -> 0 (log 1e-6): every sampled channel kept; eps -> inf (log 1e6): min_keep. The cost falls as log eps
+    # grows, so the root-finder (cost rising in its parameter) works on v = -log eps.
+    lo, hi = math.log(1e-6), math.log(1e6)
+    v = unwrap(env).cost.fit_parameter(lambda v: (plan(-v), None), -hi, -lo, budget, xtol=1e-7)
+    if cost_of_ratios(env, plan(-v)) > budget:
         raise ValueError(f"budget={budget} is unreachable even with every group at min_keep={env.min_keep}")
-    u = brentq(excess, lo, hi, xtol=1e-7)
-    step = 1e-7
-    while excess(u) > 0:  # channel counts are rounded: the cost is a step function; move to its feasible side
-        u += step
-        step *= 2.0
-    return math.exp(u), plan(u)
+    return math.exp(-v), plan(-v)
 
 
 class PFPScorer:

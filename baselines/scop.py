@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from envs.budget import largest_on_grid
 from envs.channel_prune import ChannelPruneEnv
 from envs.data import Split
 from envs.groups import GroupGraph
@@ -261,17 +262,14 @@ def threshold_plan(env: ChannelPruneEnv, scores: list[np.ndarray], budget: float
     def plan(tau: float) -> np.ndarray:
         return np.array([max(env.min_keep, float(np.mean(s > tau))) for s in scores])
 
-    cuts = np.unique(np.concatenate(scores))  # keeping "> cuts[k]" for k = 0.. removes more and more
-    lo, hi = -1, len(cuts) - 1  # plan(cuts[hi]) keeps min_keep everywhere (fits: the env checked reachability)
     if cost_of_ratios(env, np.ones(len(scores))) <= budget:
         return np.ones(len(scores))
-    while hi - lo > 1:  # cost decreases with k: bisect for the smallest k that fits
-        mid = (lo + hi) // 2
-        if cost_of_ratios(env, plan(cuts[mid])) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return plan(cuts[hi])
+    cuts = np.unique(np.concatenate(scores))  # keeping "> cuts[k]" for k = 0.. removes more and more
+    # plan(cuts[-1]) keeps min_keep everywhere (fits: the env checked reachability); the cost falls with k, so the
+    # smallest fitting k is the largest fitting v = last - k on the grid search the action wall uses
+    last = len(cuts) - 1
+    v = largest_on_grid(0, last, lambda v: cost_of_ratios(env, plan(cuts[last - v])) <= budget)
+    return plan(cuts[last - v])
 
 
 @register("scop")

@@ -136,21 +136,28 @@ class CostModel:
         return self.ratios(*self.plan_counts(ratios, runtime))[self.constrained]
 
     def fit_to_budget(self, ratios: Sequence[float], budget: float | None = None) -> np.ndarray:
-        """Scale a plan by one factor s, ``r_i(s) = clip(s * r_i, min_keep, 1)``, root-found with scipy's brentq:
-        the largest such plan whose cost is within the budget."""
-        budget = self.budget if budget is None else budget
+        """Scale a plan by one factor s, ``r_i(s) = clip(s * r_i, min_keep, 1)``: the largest such plan whose cost
+        is within the budget (``fit_parameter``)."""
         r = np.clip(np.asarray(ratios, dtype=np.float64), self.min_keep, 1.0)
         plan = lambda s: np.clip(s * r, self.min_keep, 1.0)  # noqa: E731
-        excess = lambda s: self.plan_cost(plan(s)) - budget  # noqa: E731
-        s_max = 1.0 / r.min()
-        if excess(s_max) <= 0:  # even keeping everything that can be kept fits
-            return plan(s_max)
-        if excess(0.0) > 0:
-            return plan(0.0)
-        s = brentq(excess, 0.0, s_max, xtol=1e-4)
-        while excess(s) > 0 and s > 0:  # rounding of channel counts: step down until it fits
-            s *= 0.999
-        return plan(s)
+        return plan(self.fit_parameter(lambda s: (plan(s), None), 0.0, 1.0 / r.min(), budget))
+
+    def fit_parameter(self, plan: Callable[[float], tuple[Sequence[float], Sequence[float] | None]], lo: float,
+                      hi: float, budget: float | None = None, xtol: float = 1e-4) -> float:
+        """The one budget root-finder: the largest ``u`` in [lo, hi] whose plan ``plan(u)`` = (keep ratios,
+        runtime ratios or None) costs at most the budget, for plans whose cost does not fall as ``u`` grows
+        (scipy's brentq on cost - budget; channel counts are rounded, so the cost is a step function, and ``u``
+        then steps down until it fits). ``hi`` when even plan(hi) fits; ``lo`` when nothing does (check it)."""
+        budget = self.budget if budget is None else budget
+        excess = lambda u: self.plan_cost(*plan(u)) - budget  # noqa: E731
+        if excess(hi) <= 0:
+            return hi
+        if excess(lo) > 0:
+            return lo
+        u, step = brentq(excess, lo, hi, xtol=xtol), xtol
+        while excess(u) > 0 and u > lo:
+            u, step = max(lo, u - step), 2.0 * step
+        return u
 
     # ------------------------------------------------------------------------------------------ the wall
     def decide(self, t: int, keep_ratio: float, runtime_ratio: float, kept: Sequence[int], rt: Sequence[int],
@@ -187,25 +194,26 @@ class CostModel:
         names = ["params"] if self.mode == "runtime" else [self.target]
         if k <= self.k_min[t]:
             return k
-        return _largest(self.k_min[t], k, lambda v: self.fits(*self._trial(t, kept, rt, v), names),
-                        self._grid_step(t))
+        return largest_on_grid(self.k_min[t], k, lambda v: self.fits(*self._trial(t, kept, rt, v), names),
+                               self._grid_step(t))
 
     def _wall_runtime(self, t: int, k: int, r: int, kept, rt) -> tuple[int, int]:
         step, eff = self._grid_step(t), ["effective"]
         if not self.gated[t]:
-            k2 = _largest(self.k_min[t], k, lambda v: self.fits(*self._trial(t, kept, rt, v, v), eff), step)
+            fits = lambda v: self.fits(*self._trial(t, kept, rt, v, v), eff)  # noqa: E731
+            k2 = largest_on_grid(self.k_min[t], k, fits, step)
             return k2, k2
         r_min = self.min_runtime(t, k)
         ok = lambda v: self.fits(*self._trial(t, kept, rt, k, v), eff)  # noqa: E731
         if ok(r_min):
-            return k, _largest(r_min, r, ok)
+            return k, largest_on_grid(r_min, r, ok)
         # the gate's own cost grows with k: shrink the static count too
-        k2 = _largest(self.k_min[t], k, lambda v: self.fits(*self._trial(t, kept, rt, v, self.min_runtime(t, v)),
-                                                            eff), step)
+        shrunk = lambda v: self.fits(*self._trial(t, kept, rt, v, self.min_runtime(t, v)), eff)  # noqa: E731
+        k2 = largest_on_grid(self.k_min[t], k, shrunk, step)
         return k2, self.min_runtime(t, k2)
 
 
-def _largest(lo: int, hi: int, ok: Callable[[int], bool], step: int = 1) -> int:
+def largest_on_grid(lo: int, hi: int, ok: Callable[[int], bool], step: int = 1) -> int:
     """Largest v on the grid lo + i*step in [lo, hi] with ok(v), for ok monotone decreasing (ok(lo) holds)."""
     if ok(hi):
         return hi

@@ -46,13 +46,30 @@ def run_actions(env: gym.Env, actions: Sequence[Any], seed: int | None = 0) -> d
     return run_episode(env, ActionSequence(actions), seed)[1]
 
 
+def plan_action(t: int, keep_ratios: Sequence[float], runtime_ratios: Sequence[float] | None, min_keep: float,
+                runtime: bool, dtype: type = np.float32) -> np.ndarray:
+    """Step ``t``'s action of a plan: it asks for ``keep_ratios[t]`` (and, with ``runtime``, ``runtime_ratios[t]``;
+    1 when None). The one place plans become actions: policies answer in the action space's float32, replays
+    (``actions_of_ratios``) in float64, which the env steps with."""
+    a = [action_of_ratio(float(keep_ratios[t]), min_keep)]
+    if runtime:
+        a.append(action_of_ratio(1.0 if runtime_ratios is None else float(runtime_ratios[t]), min_keep))
+    return np.asarray(a, dtype=dtype)
+
+
 def actions_of_ratios(keep_ratios: Sequence[float], runtime_ratios: Sequence[float] | None, min_keep: float,
                       runtime: bool) -> list[np.ndarray]:
     """The actions that ask for ``keep_ratios`` (and, with ``runtime``, ``runtime_ratios``; 1 when None)."""
-    out = []
-    for t, r in enumerate(keep_ratios):
-        a = [action_of_ratio(float(r), min_keep)]
-        if runtime:
-            a.append(action_of_ratio(1.0 if runtime_ratios is None else float(runtime_ratios[t]), min_keep))
-        out.append(np.asarray(a, dtype=np.float64))
-    return out
+    return [plan_action(t, keep_ratios, runtime_ratios, min_keep, runtime, np.float64)
+            for t in range(len(keep_ratios))]
+
+
+def step_of(observation: np.ndarray, n_groups: int) -> int:
+    """The step index an observation is for (its first entry, ``index / (n_groups - 1)``); ValueError when it is
+    not one of ``n_groups`` steps (an observation of a model with another number of groups)."""
+    x = float(np.asarray(observation).reshape(-1)[0]) * max(n_groups - 1, 1)
+    t = int(round(x))
+    if not (0 <= t < n_groups and abs(x - t) < 1e-3):
+        raise ValueError(f"observation index {float(np.asarray(observation).reshape(-1)[0]):.6f} is not a step of "
+                         f"a {n_groups}-group episode; this policy's plan is for another model")
+    return t

@@ -91,6 +91,36 @@ def test_cli_rejects_unknown_baseline(tmp_path):
         bm.main(["--baselines", "nope", "--out", str(tmp_path)])
 
 
+def _fake_row(method: str, kind: str, budget: float, seed: int, acc: float, status: str = "ok") -> dict:
+    return {"method": method, "kind": kind, "budget": budget, "seed": seed, "status": status, "test_acc": acc,
+            "test_acc_before_ft": acc - 0.1, "reward_acc_before_ft": acc - 0.1, "flops_ratio": budget,
+            "effective_flops_ratio": budget, "params_ratio": budget, "speedup_b64": 1.5, "evaluations": 1,
+            "keep_ratios": "[0.5, 0.5]"}
+
+
+def test_merge_gathers_split_runs_into_one_report(tmp_path):
+    """Cells run apart (one process per budget and seed) become one report with intervals over the seeds."""
+    a, b = tmp_path / "b0.5-s0", tmp_path / "b0.5-s1"
+    for d, seed, acc in ((a, 0, 0.80), (b, 1, 0.84)):
+        d.mkdir()
+        bm.append_row(d / "results.csv", _fake_row("unpruned", "reference", 1.0, 0, 0.92))
+        bm.append_row(d / "results.csv", _fake_row("l1", "baseline", 0.5, seed, acc))
+    bm.append_row(b / "results.csv", _fake_row("l1", "baseline", 0.5, 0, 0.0, status="error"))  # a failed rerun
+    (a / "agents" / "ppo-b0.5-s0").mkdir(parents=True)
+    (a / "agents" / "ppo-b0.5-s0" / "episodes.csv").write_text("episode,reward\n1,0.5\n2,0.7\n")
+    out = tmp_path / "merged"
+    assert bm.main(["--merge", str(a), str(b), "--out", str(out), "--finetune-steps", "800"]) == 0
+    rows = _rows(out / "results.csv")
+    assert sorted((r["method"], r["seed"], r["status"]) for r in rows) == [
+        ("l1", "0", "ok"), ("l1", "1", "ok"), ("unpruned", "0", "ok")]  # one unpruned row; ok beats error
+    md = (out / "results.md").read_text()
+    assert "fine-tune: 800 steps" in md and "| l1 | 0.50 | 2 | 0.8200 [" in md  # mean and interval of 2 seeds
+    for name in ("pareto.png", "keep_ratios.png", "reward_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    with pytest.raises(SystemExit):
+        bm.main(["--merge", str(tmp_path / "empty"), "--out", str(out)])
+
+
 def test_an_older_results_csv_gets_the_new_columns(tmp_path):
     path = tmp_path / "results.csv"
     old_fields = [f for f in bm.FIELDS if f not in ("latency_b64_ms_device", "speedup_b64_device", "device",

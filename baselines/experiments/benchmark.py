@@ -39,9 +39,11 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -173,6 +175,76 @@ def _row_from_info(method: str, kind: str, budget: float, info: dict) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One (method, budget, seed) of the grid; ``methods`` are its rows still to run (an agent gives two)."""
+
+    budget: float
+    seed: int
+    kind: str  # "baseline" | "agent"
+    name: str
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every cell of one benchmark run shares."""
+
+    env_id: str
+    env_kwargs: dict
+    episodes: int
+    finetune_steps: int
+    out: str
+    agent_runs: dict
+    progress: bool
+    latency: str
+
+
+def run_cell(job: Job, cell: Cell, env) -> list[dict]:
+    """The rows of one cell on ``env`` (the run's env at the cell's budget): the method plans (baselines:
+    ``setup``; agents: trained or loaded), one episode applies each plan, ``evaluate_plan`` measures it. A crash
+    becomes an error row, so one method cannot lose the others' rows."""
+    from baselines import make_baseline
+
+    where, rows = machines(env.device), []
+    print(f"[benchmark] {cell.name} @ budget {cell.budget}, seed {cell.seed} ...", file=sys.stderr)
+    t0, method = time.perf_counter(), cell.name
+    try:
+        if cell.kind == "baseline":
+            options = {"samples": job.episodes} if cell.name == "random_search" else {}
+            policy = make_baseline(cell.name, env, seed=cell.seed, **options)
+            own = policy.own_network()
+            if own is not None:  # the method's own network (Channel Gating), not an env plan
+                search_s = time.perf_counter() - t0
+                row = own_network_row(cell.name, cell.budget, env, *own, job.finetune_steps, job.progress,
+                                      cell.seed)
+                return [{**row, "status": "ok", "seed": cell.seed, "search_seconds": search_s, **where}]
+            policy.setup()
+            plays = [(cell.name, policy.eval_env, policy, getattr(policy, "evaluations", 1))]
+        else:
+            plays = agent_plays(cell.name, job.env_id, env, job.env_kwargs, cell.budget, job.episodes, cell.seed,
+                                Path(job.out), job.agent_runs.get(cell.name), job.progress)
+        search_s = time.perf_counter() - t0
+        for method, run_env, policy, evaluations in plays:
+            if method not in cell.methods:
+                continue
+            info = run_episode(run_env, policy, seed=0)[1]
+            row = _row_from_info(method, cell.kind, cell.budget, info)
+            row.update(evaluate_plan(run_env, info, job.finetune_steps, job.progress, cell.seed, job.latency))
+            row.update(status="ok", seed=cell.seed, search_seconds=search_s, evaluations=evaluations)
+            rows.append({**row, **where})
+    except Exception as exc:  # noqa: BLE001 - one method's crash must not lose the others' rows
+        traceback.print_exc()
+        rows.append(error_row(cell, method, f"{type(exc).__name__}: {str(exc)[:300]}", time.perf_counter() - t0,
+                              where))
+    return rows
+
+
+def error_row(cell: Cell, method: str, error: str, seconds: float = 0.0, where: dict | None = None) -> dict:
+    return {"method": method, "kind": cell.kind, "budget": cell.budget, "seed": cell.seed, "status": "error",
+            "error": error, "search_seconds": seconds, **(where or {})}
+
+
 def benchmark(
     env_id: str,
     budgets: list[float],
@@ -187,6 +259,7 @@ def benchmark(
     progress: bool = True,
     device: str | None = None,
     latency: str = "device",
+    ray_address: str | None = None,
 ) -> list[dict]:
     """Run the benchmark (see the module docstring); returns the rows of ``out/results.csv``.
 
@@ -195,9 +268,9 @@ def benchmark(
     ``device``: "auto", "cpu", "cuda" or "cuda:N" for the env, the baselines, the agents' envs and the common
     fine-tune; None takes ``env_kwargs["device"]``, else "auto". Giving both, differently, is a ValueError.
     ``latency``: where the exported nets are timed: "device" (where the benchmark runs), "cpu" or "both".
+    ``ray_address``: run the cells as Ray tasks ("local": a Ray started here; else a cluster's address), see
+    ``ray_grid``; the rows are those of the serial run, appended as they finish.
     """
-    from baselines import make_baseline
-
     env_kwargs = dict(env_kwargs or {})
     if device is not None:
         if "device" in env_kwargs and str(env_kwargs["device"]) != str(device):
@@ -219,57 +292,66 @@ def benchmark(
     done = {_key(r) for r in _read_rows(csv_path) if r["status"] == "ok"}
     agent_runs = agent_runs or {}
     first = gym.make(env_id, budget=budgets[0], **env_kwargs).unwrapped
+    cells = []  # (budget, seed, kind, name, methods still to run)
     for budget in budgets:
-        env = first if budget == budgets[0] else first.derive(budget=budget)  # one problem, shared
-        where = machines(env.device)
-        if ("unpruned", 1.0, 0) not in done:
-            append_row(csv_path, {**unpruned_row(env, latency), **where})
-            done.add(("unpruned", 1.0, 0))
         for seed in seeds:
             jobs = [("baseline", n, [n]) for n in baselines] + [("agent", a, [a, f"{a}_best"]) for a in agents]
             for kind, name, methods in jobs:
                 todo = [m for m in methods if (m, budget, seed) not in done]
-                if not todo:
+                if todo:
+                    cells.append(Cell(budget, seed, kind, name, tuple(todo)))
+                else:
                     print(f"[benchmark] {name} @ {budget} seed {seed}: done before, skipped", file=sys.stderr)
-                    continue
-                print(f"[benchmark] {name} @ budget {budget}, seed {seed} ...", file=sys.stderr)
-                t0, method = time.perf_counter(), name
-                try:
-                    if kind == "baseline":
-                        options = {"samples": episodes} if name == "random_search" else {}
-                        policy = make_baseline(name, env, seed=seed, **options)
-                        own = policy.own_network()
-                        if own is not None:  # the method's own network (Channel Gating), not an env plan
-                            search_s = time.perf_counter() - t0
-                            row = own_network_row(name, budget, env, *own, finetune_steps, progress, seed)
-                            append_row(csv_path, {**row, "status": "ok", "seed": seed, "search_seconds": search_s,
-                                                  **where})
-                            continue
-                        policy.setup()
-                        plays = [(name, policy.eval_env, policy, getattr(policy, "evaluations", 1))]
-                    else:
-                        plays = agent_plays(name, env_id, env, env_kwargs, budget, episodes, seed, out,
-                                            agent_runs.get(name), progress)
-                    search_s = time.perf_counter() - t0
-                    for method, run_env, policy, evaluations in plays:
-                        if method not in todo:
-                            continue
-                        info = run_episode(run_env, policy, seed=0)[1]
-                        row = _row_from_info(method, kind, budget, info)
-                        row.update(evaluate_plan(run_env, info, finetune_steps, progress, seed, latency))
-                        row.update(status="ok", seed=seed, search_seconds=search_s, evaluations=evaluations)
-                        append_row(csv_path, {**row, **where})
-                except Exception as exc:  # noqa: BLE001 - one method's crash must not lose the others' rows
-                    traceback.print_exc()
-                    append_row(csv_path, {"method": method, "kind": kind, "budget": budget, "seed": seed,
-                                          "status": "error", "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                                          "search_seconds": time.perf_counter() - t0, **where})
-    rows = _read_rows(csv_path)
+    if ("unpruned", 1.0, 0) not in done:
+        append_row(csv_path, {**unpruned_row(first, latency), **machines(first.device)})
+    job = Job(env_id, env_kwargs, episodes, finetune_steps, str(out), agent_runs, progress, latency)
+    if ray_address is not None:
+        from .ray_grid import run_cells_on_ray
+
+        run_cells_on_ray(job, cells, csv_path, ray_address, gpu=first.device.type == "cuda")
+    else:
+        envs_by_budget = {budgets[0]: first}
+        for cell in cells:
+            if cell.budget not in envs_by_budget:
+                envs_by_budget[cell.budget] = first.derive(budget=cell.budget)  # one problem, shared
+            for row in run_cell(job, cell, envs_by_budget[cell.budget]):
+                append_row(csv_path, row)
+    return write_outputs(out, env_id, finetune_steps)
+
+
+def write_outputs(out: Path, env_id: str, finetune_steps: int) -> list[dict]:
+    """``results.md`` and the plots from ``out/results.csv`` (and ``out/agents``); returns the rows."""
+    rows = _read_rows(out / "results.csv")
     write_markdown(rows, out / "results.md", env_id, finetune_steps)
     plot_pareto(rows, out / "pareto.png", env_id)
     plot_keep_ratios(rows, out / "keep_ratios.png")
     plot_reward_curves(out / "agents", out / "reward_curves.png")
     return rows
+
+
+def merge(sources: Sequence[Path], out: Path, env_id: str, finetune_steps: int) -> list[dict]:
+    """One report from benchmark runs that ran apart (e.g. one process per budget and seed on one GPU, or one
+    machine each): their ``results.csv`` rows (a (method, budget, seed) cell found twice keeps its first ``ok``
+    row) and their agents' run directories are gathered into ``out``, then ``write_outputs``."""
+    rows, seen = [], set()
+    for src in sources:
+        found = _read_rows(Path(src) / "results.csv")
+        if not found:
+            raise ValueError(f"merge source {str(src)!r} has no results.csv rows")
+        for r in sorted(found, key=lambda r: r["status"] != "ok"):
+            if _key(r) not in seen:
+                seen.add(_key(r))
+                rows.append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.csv").exists():
+        (out / "results.csv").unlink()
+    for r in rows:
+        append_row(out / "results.csv", r)
+    for src in sources:
+        for run in sorted((Path(src) / "agents").glob("*")) if (Path(src) / "agents").exists() else []:
+            if run.is_dir() and not (out / "agents" / run.name).exists():
+                shutil.copytree(run, out / "agents" / run.name)
+    return write_outputs(out, env_id, finetune_steps)
 
 
 def fidelity(env, plans: int, finetune_steps: int, out: Path, seed: int = 0, progress: bool = True) -> dict:
@@ -472,23 +554,32 @@ def _plt():
 
 
 def plot_pareto(rows: list[dict], path: Path, env_id: str) -> None:
-    """Test accuracy after fine-tuning against effective FLOPs, mean and interval over seeds per method."""
+    """Against effective FLOPs, per method (mean and interval over seeds): test accuracy after fine-tuning, and
+    the exported net's measured batch-64 speed-up (CPU where timed there, else the device)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     markers = "osD^v<>pPX*hH"
     summary = [s for s in summarize(rows) if s["kind"] != "reference"]
+    speed = "speedup_b64" if any(s["speedup_b64"].n for s in summary) else "speedup_b64_device"
+
+    def bars(e):
+        return [e.mean - e.low if e.n > 1 else 0.0, e.high - e.mean if e.n > 1 else 0.0]
+
     for i, m in enumerate(sorted({s["method"] for s in summary})):
         pts = [s for s in summary if s["method"] == m]
         x = [s["effective_flops_ratio"].mean for s in pts]
-        y = [s["test_acc"].mean for s in pts]
-        err = [[s["test_acc"].mean - s["test_acc"].low if s["test_acc"].n > 1 else 0 for s in pts],
-               [s["test_acc"].high - s["test_acc"].mean if s["test_acc"].n > 1 else 0 for s in pts]]
-        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)], label=m, ms=6, capsize=3, lw=1)
+        for axis, key in ((ax, "test_acc"), (ax_speed, speed)):
+            est = [s[key] for s in pts]
+            axis.errorbar(x, [e.mean for e in est], yerr=np.array([bars(e) for e in est]).T,
+                          fmt=markers[i % len(markers)], label=m, ms=6, capsize=3, lw=1)
     ref = [float(r["test_acc"]) for r in rows if r["method"] == "unpruned" and r["status"] == "ok"]
     if ref:
         ax.axhline(ref[0], color="k", ls="--", lw=1, label="unpruned")
-    ax.set_xlabel("FLOPs ratio (MACs computed per input; = static FLOPs except for runtime methods)")
+    for axis in (ax, ax_speed):
+        axis.set_xlabel("FLOPs ratio (MACs per input; = static FLOPs except for runtime methods)")
     ax.set_ylabel(f"test accuracy after fine-tune (mean, {int(CONFIDENCE * 100)}% interval)")
+    ax_speed.set_ylabel(f"measured speed-up, batch 64, {'CPU' if speed == 'speedup_b64' else 'device'}")
+    ax_speed.axhline(1.0, color="k", ls="--", lw=1)
     ax.set_title(env_id)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -559,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None,
                    help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N: where the env "
                         "evaluates, the baselines compute and the fine-tune trains (latency: CPU, plus the GPU)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run every (method, budget, seed) cell as a Ray task: on a local Ray, or on the cluster at "
+                        "ADDRESS (ray_grid.py: the cache and --out must be on a path every node sees)")
     p.add_argument("--latency", choices=LATENCY, default="device",
                    help="time the exported nets on the benchmark's device (default), on the CPU, or both")
     p.add_argument("--fidelity", type=int, default=0, metavar="K",
@@ -567,7 +661,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="run every stochastic part once per seed; results.md gives means and intervals")
     p.add_argument("--out", default="results")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="run nothing: gather the results.csv rows and agents of these benchmark outputs into "
+                        "--out and write its results.md and plots (runs split across processes or machines; "
+                        "give their --env and --finetune-steps)")
     args = p.parse_args(argv)
+    if args.merge:
+        try:
+            merge([Path(d) for d in args.merge], Path(args.out), args.env, args.finetune_steps)
+        except ValueError as exc:
+            p.error(str(exc))
+        print((Path(args.out) / "results.md").read_text())
+        return 0
     names = available() if args.baselines == ["all"] else args.baselines
     unknown = [n for n in names if n not in available()]
     if unknown:
@@ -588,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     rows = benchmark(args.env, args.budgets, names, args.agents, args.episodes, args.finetune_steps,
-                     Path(args.out), env_kwargs, runs, args.seeds, device=args.device, latency=args.latency)
+                     Path(args.out), env_kwargs, runs, args.seeds, device=args.device, latency=args.latency,
+                     ray_address=args.ray)
     if args.fidelity:
         env = gym.make(args.env, budget=args.budgets[0], **{**env_kwargs, "device": args.device or
                                                             env_kwargs.get("device", "auto")}).unwrapped

@@ -21,7 +21,7 @@ from typing import Any
 from baselines import available, make_baseline
 from envs import export as export_lib
 from envs.cli import parse_key_values
-from envs.episodes import unwrap
+from envs.episodes import run_episode, unwrap
 from envs.export import env_arch, export_policy, export_pruned, jsonable_kwargs, make_env
 from envs.machine import backend, resolve_device
 
@@ -36,13 +36,7 @@ def export_baseline(name: str, env_id: str, out_dir: str | Path, env_kwargs: dic
     arch = kwargs.pop("arch", None) or env_arch(env)
     baseline = make_baseline(name, env, seed=seed).setup()
     ev = baseline.eval_env
-    obs, _ = ev.reset(seed=seed)
-    for _ in range(ev.n_groups):
-        action, _ = baseline.predict(obs, deterministic=True)
-        obs, _, terminated, truncated, _ = ev.step(action)
-        if terminated or truncated:
-            break
-    info = dict(ev.last_info)
+    info = run_episode(ev, baseline, seed=seed)[1]
     source = {"kind": "baseline", "baseline": name, "seed": seed, "env_id": env_id,
               "env_kwargs": jsonable_kwargs(env_kwargs or {}), "plan_cpu_seconds": baseline.cpu_seconds,
               "plan_wall_seconds": baseline.wall_seconds, "machine": backend(ev.device).machine}

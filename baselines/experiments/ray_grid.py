@@ -1,0 +1,81 @@
+"""The benchmark grid on Ray: every (method, budget, seed) cell is a Ray task anywhere on the cluster.
+
+``python -m baselines.experiments.benchmark ... --ray [ADDRESS]`` (no address: Ray starts locally). The driver
+builds the env once (so the checkpoint, data and predictor caches exist and the unpruned row is measured), then
+submits one task per cell still to run. A task builds its env with ``gym.make`` from the **shared cache path**
+(``$CHANNELPRUNE_CACHE``, passed to the workers: one machine, or a filesystem every node mounts; nothing is
+trained in a task, ``train_if_missing=False``) and the env kwargs (shipped through Ray's object store, so a
+``data=`` object travels too), runs ``benchmark.run_cell`` and returns its rows. The driver appends them to
+``results.csv`` as they finish, so resume, error rows and the outputs are those of the serial run (rows in
+finish order). Agents' run directories are written under ``--out``, which must be on a shared path too.
+
+Failures: a method that raises gives an error row, as in the serial run. A task whose worker process or node dies
+is retried by Ray (``MAX_RETRIES``); if it still fails, the cell gets an error row and a rerun of the same command
+runs it again. Which node ran each cell is written to ``ray_cells.csv`` next to ``results.csv``.
+
+Resources: one CPU per task (Ray sets one torch thread), plus ``GPU_PER_CELL`` of a GPU when the benchmark runs
+on CUDA (several cells share one GPU; on small inputs a ResNet-18 cell keeps a GPU busy for a fraction of the
+time).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from agents.distributed import connect
+
+from .benchmark import Cell, Job, append_row, error_row
+
+MAX_RETRIES = 3
+GPU_PER_CELL = 0.25
+CELLS_FILE = "ray_cells.csv"
+
+
+def _cell_task(job: Job, cell: Cell) -> tuple[list[dict], str]:
+    """Runs on a Ray worker: the cell's env from the shared cache, then ``run_cell``."""
+    import gymnasium as gym
+    import ray
+
+    import envs  # noqa: F401 - registers the ids
+
+    from .benchmark import run_cell
+
+    kwargs = {**job.env_kwargs, "progress": False, "train_if_missing": False}
+    env = gym.make(job.env_id, budget=cell.budget, **kwargs).unwrapped
+    return run_cell(job, cell, env), ray.get_runtime_context().get_node_id()
+
+
+def run_cells_on_ray(job: Job, cells: list[Cell], csv_path: Path, address: str | None, gpu: bool = False) -> None:
+    """Submit every cell as a task, append each cell's rows to ``csv_path`` as it finishes."""
+    ray = connect(address)
+    task = ray.remote(num_cpus=1, num_gpus=GPU_PER_CELL if gpu else 0, max_retries=MAX_RETRIES)(_cell_task)
+    job_ref = ray.put(job)  # the env kwargs (a data= object too) go to the object store once
+    pending = {task.remote(job_ref, cell): cell for cell in cells}
+    t0 = time.perf_counter()
+    print(f"[benchmark] {len(cells)} cells as Ray tasks on {len(ray.nodes())} node(s)", file=sys.stderr)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(ready[0])
+        try:
+            rows, node = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - the task failed MAX_RETRIES times (a dying worker or node)
+            rows, node = [error_row(cell, m, f"ray: {type(exc).__name__}: {str(exc)[:300]}")
+                          for m in cell.methods], ""
+        for row in rows:
+            append_row(csv_path, row)
+        _record(csv_path.parent / CELLS_FILE, cell, node, time.perf_counter() - t0,
+                all(r["status"] == "ok" for r in rows))
+
+
+def _record(path: Path, cell: Cell, node: str, seconds: float, ok: bool) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["budget", "seed", "name", "methods", "node", "finished_s", "ok"])
+        if new:
+            w.writeheader()
+        w.writerow({**{k: v for k, v in asdict(cell).items() if k != "kind"}, "methods": " ".join(cell.methods),
+                    "node": node, "finished_s": round(seconds, 1), "ok": ok})
