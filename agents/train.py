@@ -18,8 +18,9 @@ Hyperparameters come from ``agents/presets.yaml`` (``default`` block, overridden
 Env kwargs that cannot be written to JSON (a ``DatasetSplits``, an ``nn.Module``) are used but not recorded;
 ``best.json`` and ``config.yaml`` list them with their type under ``env_kwargs_skipped``.
 
-``--n-envs K`` collects with K SubprocVecEnv workers (one torch thread each). Episodes are counted over all
-workers. ``--episode-reward`` switches on AMC's episode-level reward assignment (see
+``--n-envs K`` collects with K SubprocVecEnv workers (one torch thread each); with ``--ray [ADDRESS]`` the K envs
+are Ray actors on a local Ray or on a cluster (``agents.distributed.RayVecEnv``; same seeds, same episodes).
+Episodes are counted over all workers. ``--episode-reward`` switches on AMC's episode-level reward assignment (see
 :mod:`agents.episode_reward`); the DDPG preset has it on.
 """
 

@@ -28,24 +28,36 @@ DEFAULT_SAMPLES = 30
 TOLERANCE = 0.005  # EagleEye's: a candidate's cost within 0.5% of the target
 
 
+def reward_accuracies(env, counts: list[tuple[list[int], list[int]]]) -> list[float]:
+    """The env's score of each plan's (kept, runtime) channel counts, one after another: BN recalibration, then
+    accuracy on the reward split. The ``evaluate`` option replaces it (``baselines.experiments.ray_grid`` spreads
+    the evaluations over a Ray cluster)."""
+    return [env.problem.evaluate_plan(kept, rt, split="reward")["accuracy"] for kept, rt in counts]
+
+
 @register("random_search")
 class RandomSearch(Baseline):
+    """Options: ``samples`` (plans evaluated, 30), ``evaluate`` (``reward_accuracies``' signature: how the plans
+    are scored, e.g. in parallel)."""
+
     def plan(self) -> np.ndarray:
         env = self.eval_env
         samples = int(self.options.get("samples", DEFAULT_SAMPLES))
         if samples < 1:
             raise ValueError(f"samples={samples!r} must be a positive integer (the number of plans evaluated)")
         cost = env.cost
-        self.history: list[dict] = []  # every evaluated candidate: its plan, cost ratio and reward-split accuracy
-        draws = 0
-        while len(self.history) < samples and draws < 20 * samples:
+        candidates, draws = [], 0
+        while len(candidates) < samples and draws < 20 * samples:
             draws += 1
             plan = fit_to_budget(env, self.rng.uniform(env.min_keep, 1.0, size=env.n_groups))
             ratio = cost.plan_cost(plan)
-            if abs(ratio - env.budget) > TOLERANCE * env.budget:
-                continue
-            result = env.problem.evaluate_plan(*cost.plan_counts(plan), split="reward")
-            self.history.append({"plan": plan, "cost_ratio": ratio, "reward_accuracy": result["accuracy"]})
+            if abs(ratio - env.budget) <= TOLERANCE * env.budget:
+                candidates.append((plan, ratio))
+        evaluate = self.options.get("evaluate") or reward_accuracies
+        accuracies = evaluate(env, [cost.plan_counts(plan) for plan, _ in candidates])
+        # every evaluated candidate: its plan, cost ratio and reward-split accuracy
+        self.history = [{"plan": plan, "cost_ratio": ratio, "reward_accuracy": acc}
+                        for (plan, ratio), acc in zip(candidates, accuracies)]
         if not self.history:
             raise ValueError(f"random_search: none of {draws} random plans came within {TOLERANCE:.1%} of "
                              f"budget={env.budget}; the budget is out of reach of this network's channel counts")

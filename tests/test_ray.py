@@ -57,7 +57,8 @@ def _kill_one_cell_worker_mid_grid(out: Path, killed: list, stop: threading.Even
     """Once one cell has finished, SIGKILL a worker process that is running another cell."""
     while not stop.is_set():
         if (out / CELLS_FILE).exists():
-            pids = subprocess.run(["pgrep", "-f", "ray::_cell_task"], capture_output=True, text=True).stdout.split()
+            pgrep = subprocess.run(["pgrep", "-f", "ray::_cell_task"], capture_output=True, text=True)
+            pids = pgrep.stdout.split()
             if pids:
                 os.kill(int(pids[0]), signal.SIGKILL)
                 killed.append(int(pids[0]))
@@ -109,3 +110,16 @@ def test_agents_envs_as_ray_actors_give_the_local_episodes(cluster, tiny_gym_kwa
     finally:
         ray.shutdown()
     assert len(on_ray) >= 6 and on_ray == local
+
+
+def test_fidelity_plans_as_ray_tasks_give_the_serial_numbers(cluster, tiny_gym_kwargs, tmp_path):
+    import gymnasium as gym
+
+    env = gym.make("ChannelPrune-ResNet20-v0", budget=0.5, **tiny_gym_kwargs, device="cpu").unwrapped
+    serial = bm.fidelity(env, 4, 2, tmp_path / "serial", seed=1, progress=False)
+    try:
+        spread = bm.fidelity(env, 4, 2, tmp_path / "ray", seed=1, progress=False, ray_address=cluster)
+    finally:
+        ray.shutdown()
+    assert spread == serial
+    assert (tmp_path / "ray" / "fidelity.csv").read_text() == (tmp_path / "serial" / "fidelity.csv").read_text()

@@ -200,10 +200,10 @@ class Job:
     latency: str
 
 
-def run_cell(job: Job, cell: Cell, env) -> list[dict]:
+def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
     """The rows of one cell on ``env`` (the run's env at the cell's budget): the method plans (baselines:
-    ``setup``; agents: trained or loaded), one episode applies each plan, ``evaluate_plan`` measures it. A crash
-    becomes an error row, so one method cannot lose the others' rows."""
+    ``setup``, with ``options``; agents: trained or loaded), one episode applies each plan, ``evaluate_plan``
+    measures it. A crash becomes an error row, so one method cannot lose the others' rows."""
     from baselines import make_baseline
 
     where, rows = machines(env.device), []
@@ -211,7 +211,8 @@ def run_cell(job: Job, cell: Cell, env) -> list[dict]:
     t0, method = time.perf_counter(), cell.name
     try:
         if cell.kind == "baseline":
-            options = {"samples": job.episodes} if cell.name == "random_search" else {}
+            if cell.name == "random_search":
+                options["samples"] = job.episodes
             policy = make_baseline(cell.name, env, seed=cell.seed, **options)
             own = policy.own_network()
             if own is not None:  # the method's own network (Channel Gating), not an env plan
@@ -354,12 +355,14 @@ def merge(sources: Sequence[Path], out: Path, env_id: str, finetune_steps: int) 
     return write_outputs(out, env_id, finetune_steps)
 
 
-def fidelity(env, plans: int, finetune_steps: int, out: Path, seed: int = 0, progress: bool = True) -> dict:
+def fidelity(env, plans: int, finetune_steps: int, out: Path, seed: int = 0, progress: bool = True,
+             ray_address: str | None = None) -> dict:
     """Does the reward predict what users care about? ``plans`` random budget-fitted plans (random search's draws)
     are each scored as the env scores them (reward-split accuracy after BN recalibration) and then fine-tuned with
     the common recipe and measured on the test split; returns the Spearman rank correlation between the two
     (EagleEye reports 0.83-0.94 for its adaptive-BN score, MobileNetV1 on CIFAR-10) and writes
-    ``fidelity.csv`` (one line per plan) into ``out``."""
+    ``fidelity.csv`` (one line per plan) into ``out``. With ``ray_address`` the plans are scored, fine-tuned and
+    tested by Ray tasks (``ray_grid.PlanPool``; the same numbers, written when all are done)."""
     from scipy.stats import spearmanr
 
     from baselines.random_search import RandomSearch
@@ -368,22 +371,33 @@ def fidelity(env, plans: int, finetune_steps: int, out: Path, seed: int = 0, pro
     if plans < 3:
         raise ValueError(f"fidelity plans={plans!r} must be at least 3 (a rank correlation of fewer means "
                          "nothing)")
-    search = RandomSearch(env, seed=seed, samples=plans)
+    pool = None
+    if ray_address is not None:
+        from .ray_grid import PlanPool
+
+        pool = PlanPool(env, ray_address, gpu=env.device.type == "cuda")
+    search = RandomSearch(env, seed=seed, samples=plans, **({"evaluate": pool.reward_accuracies} if pool else {}))
     search.setup()
+    counts = [env.cost.plan_counts(h["plan"]) for h in search.history]
+    tested = None if pool is None else pool.map("finetuned_test_accuracy",
+                                                [(k, r, finetune_steps, seed) for k, r in counts])
     lines = []
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "fidelity.csv", "w", newline="") as f:  # a line per plan as it ends: a killed run keeps them
         w = csv.DictWriter(f, fieldnames=["plan", "cost_ratio", "reward_acc_before_ft", "test_acc"])
         w.writeheader()
-        for i, h in enumerate(search.history):
-            kept, rt = env.cost.plan_counts(h["plan"])
-            net = env.build_pruned(kept, rt)
-            env.recalibrate_bn(net)
-            if finetune_steps > 0:
-                net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress,
-                               device=env.device)
+        for i, (h, (kept, rt)) in enumerate(zip(search.history, counts)):
+            if tested is not None:
+                test_acc = tested[i]
+            else:
+                net = env.build_pruned(kept, rt)
+                env.recalibrate_bn(net)
+                if finetune_steps > 0:
+                    net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress,
+                                   device=env.device)
+                test_acc = env.evaluate(net, "test")[0]
             lines.append({"plan": i, "cost_ratio": h["cost_ratio"], "reward_acc_before_ft": h["reward_accuracy"],
-                          "test_acc": env.evaluate(net, "test")[0]})
+                          "test_acc": test_acc})
             w.writerow(lines[-1])
             f.flush()
     rho = spearmanr([x["reward_acc_before_ft"] for x in lines], [x["test_acc"] for x in lines])
@@ -651,8 +665,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N: where the env "
                         "evaluates, the baselines compute and the fine-tune trains (latency: CPU, plus the GPU)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run every (method, budget, seed) cell as a Ray task: on a local Ray, or on the cluster at "
-                        "ADDRESS (ray_grid.py: the cache and --out must be on a path every node sees)")
+                   help="run every (method, budget, seed) cell as a Ray task (and --fidelity's plans on Ray "
+                        "actors): on a local Ray, or on the cluster at ADDRESS (ray_grid.py: the cache and --out "
+                        "must be on a path every node sees)")
     p.add_argument("--latency", choices=LATENCY, default="device",
                    help="time the exported nets on the benchmark's device (default), on the CPU, or both")
     p.add_argument("--fidelity", type=int, default=0, metavar="K",
@@ -698,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fidelity:
         env = gym.make(args.env, budget=args.budgets[0], **{**env_kwargs, "device": args.device or
                                                             env_kwargs.get("device", "auto")}).unwrapped
-        result = fidelity(env, args.fidelity, args.finetune_steps, Path(args.out), seed=args.seeds[0])
+        result = fidelity(env, args.fidelity, args.finetune_steps, Path(args.out), seed=args.seeds[0],
+                          ray_address=args.ray)
         (Path(args.out) / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"fidelity: Spearman {result['spearman']:.3f} (p = {result['p_value']:.3g}) between reward-split "
               f"accuracy and test accuracy after {args.finetune_steps} fine-tune steps, {result['plans']} random "

@@ -13,6 +13,11 @@ Failures: a method that raises gives an error row, as in the serial run. A task 
 is retried by Ray (``MAX_RETRIES``); if it still fails, the cell gets an error row and a rerun of the same command
 runs it again. Which node ran each cell is written to ``ray_cells.csv`` next to ``results.csv``.
 
+Spread the same way: ``random_search``'s N plan evaluations and ``--fidelity``'s K plans (fine-tune and test
+accuracy each) go to Ray tasks too (``PlanPool``: one chunk of plans per cluster CPU, each task holding a copy of
+the env, rebuilt from the shared cache when it is unpickled there); the results are those of the serial loop, in
+the same order.
+
 Resources: one CPU per task (Ray sets one torch thread), plus ``GPU_PER_CELL`` of a GPU when the benchmark runs
 on CUDA (several cells share one GPU; on small inputs a ResNet-18 cell keeps a GPU busy for a fraction of the
 time).
@@ -35,6 +40,57 @@ GPU_PER_CELL = 0.25
 CELLS_FILE = "ray_cells.csv"
 
 
+class _PlanScorer:
+    """Scores plans of one env (unpickled from the driver's copy: rebuilt from the shared cache)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def reward_accuracy(self, kept, rt) -> float:
+        return self.env.problem.evaluate_plan(kept, rt, split="reward")["accuracy"]
+
+    def finetuned_test_accuracy(self, kept, rt, steps: int, seed: int) -> float:
+        from envs.finetune import finetune
+
+        net = self.env.build_pruned(kept, rt)
+        self.env.recalibrate_bn(net)
+        if steps > 0:
+            net = finetune(net, self.env.data, steps=steps, seed=seed, progress=False, device=self.env.device)
+        return self.env.evaluate(net, "test")[0]
+
+
+def _score_chunk(env, method: str, chunk: list[tuple]) -> list:
+    scorer = _PlanScorer(env)
+    return [getattr(scorer, method)(*args) for args in chunk]
+
+
+class PlanPool:
+    """Scores plans of ``env`` in parallel: the plans are cut into one chunk per cluster CPU (at most), each chunk
+    a Ray task that rebuilds the env once and scores its plans in order. Tasks, not actors, so a cell task that
+    waits for them frees its CPU for them (Ray releases a task blocked in ``ray.get``) and nothing deadlocks;
+    a task whose worker dies is retried. ``map`` keeps the order of its inputs; ``reward_accuracies`` has
+    ``random_search.reward_accuracies``' signature."""
+
+    def __init__(self, env, address: str | None, gpu: bool = False):
+        self._ray = ray = connect(address)
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.env_ref = ray.put(env)
+        self.task = ray.remote(num_cpus=1, num_gpus=GPU_PER_CELL if gpu else 0, max_retries=MAX_RETRIES)(
+            _score_chunk)
+
+    def map(self, method: str, args: list[tuple]) -> list:
+        k = min(len(args), self.cpus)
+        chunks = [args[i::k] for i in range(k)]  # round robin: similar work per chunk
+        done = self._ray.get([self.task.remote(self.env_ref, method, c) for c in chunks])
+        out = [None] * len(args)
+        for i, results in enumerate(done):
+            out[i::k] = results
+        return out
+
+    def reward_accuracies(self, env, counts: list[tuple[list[int], list[int]]]) -> list[float]:
+        return self.map("reward_accuracy", counts)
+
+
 def _cell_task(job: Job, cell: Cell) -> tuple[list[dict], str]:
     """Runs on a Ray worker: the cell's env from the shared cache, then ``run_cell``."""
     import gymnasium as gym
@@ -46,7 +102,10 @@ def _cell_task(job: Job, cell: Cell) -> tuple[list[dict], str]:
 
     kwargs = {**job.env_kwargs, "progress": False, "train_if_missing": False}
     env = gym.make(job.env_id, budget=cell.budget, **kwargs).unwrapped
-    return run_cell(job, cell, env), ray.get_runtime_context().get_node_id()
+    options = {}
+    if cell.name == "random_search":  # its evaluations spread over the cluster too
+        options["evaluate"] = PlanPool(env, None, gpu=env.device.type == "cuda").reward_accuracies
+    return run_cell(job, cell, env, **options), ray.get_runtime_context().get_node_id()
 
 
 def run_cells_on_ray(job: Job, cells: list[Cell], csv_path: Path, address: str | None, gpu: bool = False) -> None:
