@@ -111,6 +111,7 @@ def _cell_task(job: Job, cell: Cell) -> tuple[list[dict], str]:
 def run_cells_on_ray(job: Job, cells: list[Cell], csv_path: Path, address: str | None, gpu: bool = False) -> None:
     """Submit every cell as a task, append each cell's rows to ``csv_path`` as it finishes."""
     ray = connect(address)
+    _probe_one_thread()
     task = ray.remote(num_cpus=1, num_gpus=GPU_PER_CELL if gpu else 0, max_retries=MAX_RETRIES)(_cell_task)
     job_ref = ray.put(job)  # the env kwargs (a data= object too) go to the object store once
     pending = {task.remote(job_ref, cell): cell for cell in cells}
@@ -128,6 +129,22 @@ def run_cells_on_ray(job: Job, cells: list[Cell], csv_path: Path, address: str |
             append_row(csv_path, row)
         _record(csv_path.parent / CELLS_FILE, cell, node, time.perf_counter() - t0,
                 all(r["status"] == "ok" for r in rows))
+
+
+def _probe_one_thread() -> None:
+    """Ray gives each task one torch thread, and the machine probe is per thread count: probe this CPU for one
+    thread here, once, into the shared cache, instead of once in every worker that starts at the same time (a
+    node with another CPU still probes itself)."""
+    import torch
+
+    from envs.machine import backend
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        backend("cpu")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _record(path: Path, cell: Cell, node: str, seconds: float, ok: bool) -> None:
