@@ -293,7 +293,7 @@ def benchmark(
     done = {_key(r) for r in _read_rows(csv_path) if r["status"] == "ok"}
     agent_runs = agent_runs or {}
     first = gym.make(env_id, budget=budgets[0], **env_kwargs).unwrapped
-    cells = []  # (budget, seed, kind, name, methods still to run)
+    cells = []  # the grid's cells with rows still to run
     for budget in budgets:
         for seed in seeds:
             jobs = [("baseline", n, [n]) for n in baselines] + [("agent", a, [a, f"{a}_best"]) for a in agents]
