@@ -43,7 +43,6 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -56,43 +55,10 @@ from envs.cost import compare_latency, measure_latency
 from envs.episodes import run_episode
 from envs.machine import backend, cpu_machine, resolve_device
 
+from .grid import FIELDS, Cell, Job, append_row, error_row, read_rows  # noqa: F401 - FIELDS: results.csv
 from .stats import CONFIDENCE, compare, estimate
 
-FIELDS = [
-    "method", "kind", "budget", "seed", "status", "reward_acc_before_ft", "test_acc_before_ft", "test_acc",
-    "flops_ratio", "params_ratio", "effective_flops_ratio", "clamp_total", "latency_b64_ms", "speedup_b64",
-    "latency_b64_ms_device", "speedup_b64_device", "evaluations", "search_seconds", "finetune_seconds",
-    "keep_ratios", "error", "device", "machine", "cpu_machine",
-]
 LATENCY_BATCH = 64
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path: Path, row: dict) -> None:
-    """Append one row to results.csv (an older file is first rewritten with today's columns)."""
-    new = not path.exists()
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != FIELDS:  # a results.csv from an older version: rewrite it with today's columns
-            old = _read_rows(path)
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
-                w.writeheader()
-                w.writerows({k: r.get(k, "") for k in FIELDS} for r in old)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
-
-
 LATENCY = ("device", "cpu", "both")
 
 
@@ -175,31 +141,6 @@ def _row_from_info(method: str, kind: str, budget: float, info: dict) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One (method, budget, seed) of the grid; ``methods`` are its rows still to run (an agent gives two)."""
-
-    budget: float
-    seed: int
-    kind: str  # "baseline" | "agent"
-    name: str
-    methods: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Job:
-    """What every cell of one benchmark run shares."""
-
-    env_id: str
-    env_kwargs: dict
-    episodes: int
-    finetune_steps: int
-    out: str
-    agent_runs: dict
-    progress: bool
-    latency: str
-
-
 def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
     """The rows of one cell on ``env`` (the run's env at the cell's budget): the method plans (baselines:
     ``setup``, with ``options``; agents: trained or loaded), one episode applies each plan, ``evaluate_plan``
@@ -239,11 +180,6 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
         rows.append(error_row(cell, method, f"{type(exc).__name__}: {str(exc)[:300]}", time.perf_counter() - t0,
                               where))
     return rows
-
-
-def error_row(cell: Cell, method: str, error: str, seconds: float = 0.0, where: dict | None = None) -> dict:
-    return {"method": method, "kind": cell.kind, "budget": cell.budget, "seed": cell.seed, "status": "error",
-            "error": error, "search_seconds": seconds, **(where or {})}
 
 
 def benchmark(
@@ -290,7 +226,7 @@ def benchmark(
                          "seeds or budgets let the benchmark train one run for each")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    done = {_key(r) for r in _read_rows(csv_path) if r["status"] == "ok"}
+    done = {_key(r) for r in read_rows(csv_path) if r["status"] == "ok"}
     agent_runs = agent_runs or {}
     first = gym.make(env_id, budget=budgets[0], **env_kwargs).unwrapped
     cells = []  # the grid's cells with rows still to run
@@ -309,7 +245,7 @@ def benchmark(
     if ray_address is not None:
         from .ray_grid import run_cells_on_ray
 
-        run_cells_on_ray(job, cells, csv_path, ray_address, gpu=first.device.type == "cuda")
+        run_cells_on_ray(job, cells, run_cell, csv_path, ray_address, gpu=first.device.type == "cuda")
     else:
         envs_by_budget = {budgets[0]: first}
         for cell in cells:
@@ -322,7 +258,7 @@ def benchmark(
 
 def write_outputs(out: Path, env_id: str, finetune_steps: int) -> list[dict]:
     """``results.md`` and the plots from ``out/results.csv`` (and ``out/agents``); returns the rows."""
-    rows = _read_rows(out / "results.csv")
+    rows = read_rows(out / "results.csv")
     write_markdown(rows, out / "results.md", env_id, finetune_steps)
     plot_pareto(rows, out / "pareto.png", env_id)
     plot_keep_ratios(rows, out / "keep_ratios.png")
@@ -336,7 +272,7 @@ def merge(sources: Sequence[Path], out: Path, env_id: str, finetune_steps: int) 
     row) and their agents' run directories are gathered into ``out``, then ``write_outputs``."""
     rows, seen = [], set()
     for src in sources:
-        found = _read_rows(Path(src) / "results.csv")
+        found = read_rows(Path(src) / "results.csv")
         if not found:
             raise ValueError(f"merge source {str(src)!r} has no results.csv rows")
         for r in sorted(found, key=lambda r: r["status"] != "ok"):

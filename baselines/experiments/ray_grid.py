@@ -30,10 +30,11 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from agents.distributed import connect
 
-from .benchmark import Cell, Job, append_row, error_row
+from .grid import Cell, Job, append_row, error_row
 
 MAX_RETRIES = 3
 GPU_PER_CELL = 0.25
@@ -91,14 +92,12 @@ class PlanPool:
         return self.map("reward_accuracy", counts)
 
 
-def _cell_task(job: Job, cell: Cell) -> tuple[list[dict], str]:
-    """Runs on a Ray worker: the cell's env from the shared cache, then ``run_cell``."""
+def _cell_task(job: Job, cell: Cell, run_cell: Callable) -> tuple[list[dict], str]:
+    """Runs on a Ray worker: the cell's env from the shared cache, then ``run_cell(job, cell, env, **options)``."""
     import gymnasium as gym
     import ray
 
     import envs  # noqa: F401 - registers the ids
-
-    from .benchmark import run_cell
 
     kwargs = {**job.env_kwargs, "progress": False, "train_if_missing": False}
     env = gym.make(job.env_id, budget=cell.budget, **kwargs).unwrapped
@@ -108,13 +107,15 @@ def _cell_task(job: Job, cell: Cell) -> tuple[list[dict], str]:
     return run_cell(job, cell, env, **options), ray.get_runtime_context().get_node_id()
 
 
-def run_cells_on_ray(job: Job, cells: list[Cell], csv_path: Path, address: str | None, gpu: bool = False) -> None:
-    """Submit every cell as a task, append each cell's rows to ``csv_path`` as it finishes."""
+def run_cells_on_ray(job: Job, cells: list[Cell], run_cell: Callable, csv_path: Path, address: str | None,
+                     gpu: bool = False) -> None:
+    """Submit every cell as a task that runs ``run_cell`` (``benchmark.run_cell``) there; append each cell's rows
+    to ``csv_path`` as it finishes."""
     ray = connect(address)
     _probe_one_thread()
     task = ray.remote(num_cpus=1, num_gpus=GPU_PER_CELL if gpu else 0, max_retries=MAX_RETRIES)(_cell_task)
     job_ref = ray.put(job)  # the env kwargs (a data= object too) go to the object store once
-    pending = {task.remote(job_ref, cell): cell for cell in cells}
+    pending = {task.remote(job_ref, cell, run_cell): cell for cell in cells}
     t0 = time.perf_counter()
     print(f"[benchmark] {len(cells)} cells as Ray tasks on {len(ray.nodes())} node(s)", file=sys.stderr)
     while pending:
