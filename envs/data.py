@@ -213,7 +213,8 @@ def load_dataset(
         reward_size: images in the held-out reward split (1..4000).
         calib_size: images in the calibration split (1..1000).
         split_seed: seed of the permutation that carves reward / calibration out of the training set.
-        test_size: use only the first ``test_size`` test images (None: all).
+        test_size: use only the first ``test_size`` test images (None: all; a quicker, noisier test accuracy,
+            e.g. the CPU demo's).
         image_size / max_images: ImageFolder only (resize / cap on preloaded images).
     """
     if name not in DATASETS:
@@ -222,6 +223,8 @@ def load_dataset(
         raise ValueError(f"reward_size={reward_size!r} must be in [1, {REWARD_MAX}]")
     if not 1 <= int(calib_size) <= HOLDOUT - REWARD_MAX:
         raise ValueError(f"calib_size={calib_size!r} must be in [1, {HOLDOUT - REWARD_MAX}]")
+    if test_size is not None and not (isinstance(test_size, int) and test_size >= 1):
+        raise ValueError(f"test_size={test_size!r} must be None (the whole test split) or a positive integer")
     key = (name, str(data_dir), int(reward_size), int(calib_size), int(split_seed), test_size, image_size, max_images)
     if key in _CACHE:
         return _CACHE[key]

@@ -86,6 +86,7 @@ class PruningProblem:
         storage_budget: float = 1.0,
         reward_size: int = 2000,
         calib_size: int = 512,
+        test_size: int | None = None,
         split_seed: int = 0,
         min_keep: float = 0.1,
         round_to: int = 1,
@@ -114,7 +115,8 @@ class PruningProblem:
 
         # --- data and base model (cached; never modified)
         self.data = data if data is not None else load_dataset(dataset, data_dir, reward_size=reward_size,
-                                                               calib_size=calib_size, split_seed=split_seed)
+                                                               calib_size=calib_size, split_seed=split_seed,
+                                                               test_size=test_size)
         self.checkpoint_file = None
         self.base_meta: dict = {}
         if isinstance(model, nn.Module):
@@ -186,7 +188,8 @@ class PruningProblem:
         if isinstance(kwargs["model"], nn.Module) and kwargs["example_input"] is None:
             kwargs["example_input"] = self.example_input
         if "data" not in overrides:
-            new_splits = set(overrides) & {"dataset", "data_dir", "reward_size", "calib_size", "split_seed"}
+            new_splits = set(overrides) & {"dataset", "data_dir", "reward_size", "calib_size", "test_size",
+                                            "split_seed"}
             kwargs["data"] = None if new_splits else self.data  # the same splits are not loaded again
         return PruningProblem(**kwargs)
 

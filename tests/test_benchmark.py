@@ -121,6 +121,26 @@ def test_merge_gathers_split_runs_into_one_report(tmp_path):
         bm.main(["--merge", str(tmp_path / "empty"), "--out", str(out)])
 
 
+def test_a_grid_run_without_timing_is_retimed_serially_afterwards(tiny_gym_kwargs, tmp_path):
+    """``--latency none`` then ``retime``: every pruned row gets its exported net's latency, equal plans (uniform
+    over seeds) are timed once, and the unpruned reference is timed too."""
+    out = tmp_path / "r"
+    rows = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "random"], [], episodes=1, finetune_steps=0,
+                        out=out, env_kwargs=tiny_gym_kwargs, seeds=(0, 1), progress=False, device="cpu",
+                        latency="none")
+    assert all(r["latency_b64_ms"] == r["speedup_b64"] == "" for r in rows)
+    rows = bm.retime(out, "ChannelPrune-ResNet20-v0", 0, "cpu", tiny_gym_kwargs)
+    by = {(r["method"], r["seed"]): r for r in rows}
+    assert len(by) == 5 and all(float(r["latency_b64_ms"]) > 0 for r in rows)
+    assert float(by["unpruned", "0"]["speedup_b64"]) == 1.0
+    assert by["uniform", "0"]["latency_b64_ms"] == by["uniform", "1"]["latency_b64_ms"]  # one plan, timed once
+    assert by["random", "0"]["keep_ratios"] != by["random", "1"]["keep_ratios"]
+    assert by["random", "0"]["latency_b64_ms"] != by["random", "1"]["latency_b64_ms"]
+    assert "speed-up CPU" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="retime"):
+        bm.retime(out, "ChannelPrune-ResNet20-v0", 0, "none", tiny_gym_kwargs)
+
+
 def test_an_older_results_csv_gets_the_new_columns(tmp_path):
     path = tmp_path / "results.csv"
     old_fields = [f for f in bm.FIELDS if f not in ("latency_b64_ms_device", "speedup_b64_device", "device",

@@ -22,8 +22,10 @@ random search only where the intervals do not overlap (``stats.py``).
 
 Latency. The exported (physically pruned, static) network's latency at batch 64 is measured against the
 unpruned net, the two alternately (``envs.cost.compare_latency``), on the benchmark's device (``--latency
-device``, the default), on the CPU (``cpu``) or both (``both``; on a GPU run the CPU timings share the machine's
-cores with the GPU work). ``--device`` ("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is
+device``, the default), on the CPU (``cpu``), both (``both``; on a GPU run the CPU timings share the machine's
+cores with the GPU work) or not at all (``none``). Timings taken beside other work are noisy: a grid run in
+parallel processes can run with ``--latency none`` and be timed afterwards, serially, on an otherwise idle machine
+with ``--merge DIR... --retime cpu`` (``retime``: a static plan's exported net depends only on its keep ratios). ``--device`` ("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is
 where the env evaluates, the baselines compute, the agents' envs run and the fine-tune trains. Every row names its
 machines: ``machine`` (the device's) and ``cpu_machine`` (the CPU and threads that time CPU latency).
 
@@ -59,7 +61,7 @@ from .grid import FIELDS, Cell, Job, append_row, error_row, read_rows  # noqa: F
 from .stats import CONFIDENCE, compare, estimate
 
 LATENCY_BATCH = 64
-LATENCY = ("device", "cpu", "both")
+LATENCY = ("device", "cpu", "both", "none")
 
 
 def machines(device) -> dict:
@@ -70,11 +72,12 @@ def machines(device) -> dict:
 
 
 def _latency_devices(env, latency: str) -> tuple[bool, bool]:
-    """(time on the CPU, time on the GPU) for ``latency`` ("device": where the benchmark runs; "cpu"; "both")."""
+    """(time on the CPU, time on the GPU) for ``latency`` ("device": where the benchmark runs; "cpu"; "both";
+    "none")."""
     if latency not in LATENCY:
         raise ValueError(f"latency={latency!r} is not allowed; allowed: {', '.join(LATENCY)}")
     gpu = env.device.type == "cuda"
-    return latency in ("cpu", "both") or not gpu, gpu and latency in ("device", "both")
+    return latency in ("cpu", "both") or (latency == "device" and not gpu), gpu and latency in ("device", "both")
 
 
 def plan_latency(env, static, latency: str = "device") -> dict:
@@ -147,7 +150,7 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
     measures it. A crash becomes an error row, so one method cannot lose the others' rows."""
     from baselines import make_baseline
 
-    where, rows = machines(env.device), []
+    where, rows = {**machines(env.device), "test_images": len(env.data.test)}, []
     print(f"[benchmark] {cell.name} @ budget {cell.budget}, seed {cell.seed} ...", file=sys.stderr)
     t0, method = time.perf_counter(), cell.name
     try:
@@ -204,7 +207,8 @@ def benchmark(
     baselines, the common fine-tune's data order); ``results.md`` reports means and intervals over them.
     ``device``: "auto", "cpu", "cuda" or "cuda:N" for the env, the baselines, the agents' envs and the common
     fine-tune; None takes ``env_kwargs["device"]``, else "auto". Giving both, differently, is a ValueError.
-    ``latency``: where the exported nets are timed: "device" (where the benchmark runs), "cpu" or "both".
+    ``latency``: where the exported nets are timed: "device" (where the benchmark runs), "cpu", "both" or "none"
+    (time them later with ``retime``).
     ``ray_address``: run the cells as Ray tasks ("local": a Ray started here; else a cluster's address), see
     ``ray_grid``; the rows are those of the serial run, appended as they finish.
     """
@@ -240,7 +244,8 @@ def benchmark(
                 else:
                     print(f"[benchmark] {name} @ {budget} seed {seed}: done before, skipped", file=sys.stderr)
     if ("unpruned", 1.0, 0) not in done:
-        append_row(csv_path, {**unpruned_row(first, latency), **machines(first.device)})
+        append_row(csv_path, {**unpruned_row(first, latency), **machines(first.device),
+                               "test_images": len(first.data.test)})
     job = Job(env_id, env_kwargs, episodes, finetune_steps, str(out), agent_runs, progress, latency)
     if ray_address is not None:
         from .ray_grid import run_cells_on_ray
@@ -288,6 +293,50 @@ def merge(sources: Sequence[Path], out: Path, env_id: str, finetune_steps: int) 
         for run in sorted((Path(src) / "agents").glob("*")) if (Path(src) / "agents").exists() else []:
             if run.is_dir() and not (out / "agents" / run.name).exists():
                 shutil.copytree(run, out / "agents" / run.name)
+    return write_outputs(out, env_id, finetune_steps)
+
+
+def retime(out: Path, env_id: str, finetune_steps: int, latency: str = "cpu", env_kwargs: dict | None = None
+           ) -> list[dict]:
+    """Time every ``ok`` row of ``out/results.csv`` again, serially, here (``latency``: "cpu", "device" or
+    "both", see ``plan_latency``), replacing its latency columns and ``cpu_machine``; then ``write_outputs``.
+
+    A static plan's exported net depends only on its keep ratios, so a grid run in parallel (``--latency none``,
+    or timed beside other work) gets its speed-ups measured afterwards on an otherwise idle machine. Equal plans
+    (a deterministic method over seeds) are timed once. A row that keeps every channel (a method evaluated as its
+    own network, e.g. Channel Gating's gated net) has no exported net to time and keeps no latency."""
+    if latency not in LATENCY or latency == "none":
+        raise ValueError(f"latency={latency!r} is not allowed to retime; allowed: device, cpu, both")
+    rows = read_rows(out / "results.csv")
+    if not rows:
+        raise ValueError(f"retime: {str(out)!r} has no results.csv rows")
+    # which channels a plan keeps does not change its exported net's shape: the L1 scorer needs no predictors
+    env = gym.make(env_id, **{"device": "cpu" if latency == "cpu" else "auto", "scorer": "l1",
+                              **(env_kwargs or {})}).unwrapped
+    channels = [g.num_channels for g in env.groups]
+    cleared = dict.fromkeys(("latency_b64_ms", "speedup_b64", "latency_b64_ms_device", "speedup_b64_device"), "")
+    timed: dict[tuple, dict] = {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        ratios = json.loads(row["keep_ratios"]) if row.get("keep_ratios") else []
+        if len(ratios) != len(channels):
+            raise ValueError(f"retime: row {row['method']!r} has {len(ratios)} keep ratios; {env_id} has "
+                             f"{len(channels)} groups (give the run's --env and --env-kwargs)")
+        kept = tuple(max(1, round(r * c)) for r, c in zip(ratios, channels))
+        if row["method"] == "unpruned":
+            new = {k: v for k, v in unpruned_row(env, latency).items() if k in cleared}
+        elif kept == tuple(channels):
+            new = {}
+        else:
+            if kept not in timed:
+                print(f"[retime] {row['method']} @ {row['budget']}, seed {row['seed']} ...", file=sys.stderr)
+                timed[kept] = plan_latency(env, env.graph.prune_copy(env.kept_channels(list(kept))), latency)
+            new = timed[kept]
+        row.update({**cleared, **new, "cpu_machine": cpu_machine()})
+    (out / "results.csv").unlink()
+    for row in rows:
+        append_row(out / "results.csv", row)
     return write_outputs(out, env_id, finetune_steps)
 
 
@@ -462,6 +511,7 @@ def write_markdown(rows: list[dict], path: Path, env_id: str, finetune_steps: in
              "with; it is shown apart and is optimistic for the methods that chose on it.",
              f"Mean [{int(CONFIDENCE * 100)}% t interval] over seeds; 'vs scripted' / 'vs random search': > or < "
              "only where the intervals do not overlap, else tie (n/a with one seed).",
+             f"Test split: {_distinct(rows, 'test_images')} images. "
              f"Search, fine-tune{' and device latency' if on_device else ''} on: {_distinct(rows, 'machine')}. "
              f"CPU latency on: {_distinct(rows, 'cpu_machine')}.", "",
              "| method | budget | seeds | test acc after FT | test acc before FT | selection acc (reward split) | "
@@ -616,10 +666,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing: gather the results.csv rows and agents of these benchmark outputs into "
                         "--out and write its results.md and plots (runs split across processes or machines; "
                         "give their --env and --finetune-steps)")
+    p.add_argument("--retime", choices=[x for x in LATENCY if x != "none"], default=None,
+                   help="run nothing: time the exported nets of --out's rows (after --merge, if given) again, "
+                        "serially, here: on the CPU, the device or both (for a grid run with --latency none or "
+                        "beside other work)")
     args = p.parse_args(argv)
-    if args.merge:
+    if args.merge or args.retime:
         try:
-            merge([Path(d) for d in args.merge], Path(args.out), args.env, args.finetune_steps)
+            if args.merge:
+                merge([Path(d) for d in args.merge], Path(args.out), args.env, args.finetune_steps)
+            if args.retime:
+                retime(Path(args.out), envs.resolve_env_id(args.env), args.finetune_steps, args.retime,
+                       parse_key_values(args.env_kwargs, "--env-kwargs"))
         except ValueError as exc:
             p.error(str(exc))
         print((Path(args.out) / "results.md").read_text())

@@ -11,7 +11,9 @@ Stages (each timed; the times are written to ``<out>/stages.json`` and printed):
    column; exported-model latency; table in ``<out>/results.md``, plots ``pareto.png`` and ``keep_ratios.png``.
 
 Environment variables: ``DEMO_OUT`` (default ``results/demo``), ``DEMO_EPISODES`` (agent episodes, default 30),
-``DEMO_FINETUNE_STEPS`` (default 60), ``DEMO_BASELINES`` (space-separated, default all), ``DEMO_AGENTS``
+``DEMO_FINETUNE_STEPS`` (default 60), ``DEMO_TEST_SIZE`` (test images per evaluation: default ``all`` on a GPU,
+2000 on a CPU, where two 10,000-image evaluations per row would take about half the demo; the table says how
+many), ``DEMO_BASELINES`` (space-separated, default all), ``DEMO_AGENTS``
 (default ``ppo``), ``DEMO_DEVICE`` (``auto``: CUDA when available, else CPU; ``cpu``; ``cuda``; ``cuda:N``).
 ``stages.json`` names the machine the stages ran on (``envs.machine.backend(device).machine``).
 """
@@ -35,7 +37,10 @@ def main() -> int:
     device = os.environ.get("DEMO_DEVICE", "auto")
     from envs.machine import backend
 
-    machine = backend(device).machine  # also checks the device name before anything long starts
+    be = backend(device)  # also checks the device name before anything long starts
+    machine = be.machine
+    test_size = os.environ.get("DEMO_TEST_SIZE", "all" if be.device.type == "cuda" else "2000")
+    env_kwargs = {} if test_size == "all" else {"test_size": int(test_size)}
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -61,11 +66,13 @@ def main() -> int:
     from baselines.experiments.benchmark import benchmark
 
     names = os.environ.get("DEMO_BASELINES", "").split() or available()
-    rows = benchmark("ChannelPrune-ResNet18-v0", [0.5], names, agents, episodes, ft_steps, out, device=device)
+    rows = benchmark("ChannelPrune-ResNet18-v0", [0.5], names, agents, episodes, ft_steps, out, env_kwargs,
+                     device=device)
     stages["3_benchmark_s"] = time.perf_counter() - t2
     stages["total_s"] = time.perf_counter() - t0
     (out / "stages.json").write_text(json.dumps({**stages, "test_accuracy_unpruned": meta["test_accuracy"],
                                                 "agent_episodes": episodes, "finetune_steps": ft_steps,
+                                                "test_images": test_size,
                                                 "device": device, "machine": machine}, indent=2))
     print((out / "results.md").read_text())
     print("[demo] stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()))

@@ -11,7 +11,7 @@ FIELDS = [
     "method", "kind", "budget", "seed", "status", "reward_acc_before_ft", "test_acc_before_ft", "test_acc",
     "flops_ratio", "params_ratio", "effective_flops_ratio", "clamp_total", "latency_b64_ms", "speedup_b64",
     "latency_b64_ms_device", "speedup_b64_device", "evaluations", "search_seconds", "finetune_seconds",
-    "keep_ratios", "error", "device", "machine", "cpu_machine",
+    "keep_ratios", "error", "device", "machine", "cpu_machine", "test_images",
 ]
 
 
