@@ -5,6 +5,8 @@ Static importance (dataset-wide; decides which channels are removed for storage)
 * ``l1``: sum of the group's producer filters' L1 norms (each producer normalized by its mean; Li et al. 2017).
 * ``bn``: sum of the group's BatchNorm ``|gamma|`` (Network Slimming).
 * ``taylor``: first-order Taylor, ``|sum(a * dL/da)|`` at the group's BN outputs on the calibration split.
+* ``fpgm``: a filter's summed distance to the layer's other filters (He et al., CVPR 2019: the filters nearest
+  the geometric median are the most replaceable, so they go first).
 * ``learned`` (default): the **static importance predictor**, a small MLP over per-channel features (filter L1 and
   L2 norms, BN |gamma|, Taylor, mean activation, distance to the layer's geometric median), trained to predict
   the measured loss increase when the channel alone is masked, on a sample of channels; its rank correlation with
@@ -41,7 +43,7 @@ from .data import Split
 from .groups import GroupGraph, channel_dim
 from .paths import atomic_save
 
-SCORERS = ("learned", "l1", "bn", "taylor")
+SCORERS = ("learned", "l1", "bn", "taylor", "fpgm")
 FEATURES = ("l1", "l2", "bn", "taylor", "act", "gm_dist")
 
 
@@ -184,6 +186,13 @@ class TaylorScorer:
 
     def scores(self, ctx: ImportanceContext) -> list[np.ndarray]:
         return taylor_and_activation(ctx)[0]
+
+
+class FPGMScorer:
+    name = "fpgm"
+
+    def scores(self, ctx: ImportanceContext) -> list[np.ndarray]:
+        return geometric_median_distance(ctx)
 
 
 # ------------------------------------------------------------------------------------------- static predictor
@@ -389,9 +398,11 @@ class ImportancePredictors:
     @classmethod
     def load_or_train(
         cls, ctx: ImportanceContext, cache_path: Path | None, progress: bool = True, per_group: int = 8,
-        images: int = 256,
+        images: int = 256, seed: int = 0,
     ) -> "ImportancePredictors":
-        key = _structure_key(ctx.graph)
+        """The cached predictors of ``cache_path`` (a checkpoint), else trained (``seed``: which channels are
+        measured and the MLP's initialisation) and cached."""
+        key = _structure_key(ctx.graph) + (f"-s{seed}" if seed else "")  # seed 0 keeps the caches of before
         path = None if cache_path is None else Path(f"{cache_path}.importance-{key}-{per_group}-{images}.pt")
         if path is not None and path.exists():
             try:
@@ -401,7 +412,8 @@ class ImportancePredictors:
                 return cls(scores, blob["gates"], report)
             except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
                 print(f"rebuilding unreadable importance cache {path}: {exc}", file=sys.stderr)
-        static, rep_s = train_static_predictor(ctx, per_group=per_group, images=images, progress=progress)
+        static, rep_s = train_static_predictor(ctx, per_group=per_group, images=images, seed=seed,
+                                               progress=progress)
         gates, rep_r = fit_runtime_predictor(ctx, progress=progress)
         report = {**rep_s, **rep_r}
         if path is not None:
@@ -433,4 +445,6 @@ def make_scorer(name: str, predictors: ImportancePredictors | None = None) -> Sc
         return BNScaleScorer()
     if name == "taylor":
         return TaylorScorer()
+    if name == "fpgm":
+        return FPGMScorer()
     raise ValueError(f"unknown scorer {name!r}; allowed: {', '.join(SCORERS)} or an object with scores(ctx)")

@@ -177,7 +177,7 @@ def test_sparse_executor_on_a_chain_of_gated_convs():
 # ---------------------------------------------------------------------------------------------------- predictors
 
 
-@pytest.mark.parametrize("name", ["learned", "l1", "bn", "taylor"])
+@pytest.mark.parametrize("name", ["learned", "l1", "bn", "taylor", "fpgm"])
 def test_scorers_return_one_finite_array_per_group(make_env, name):
     env = make_env(scorer=name)
     assert len(env.static_scores) == env.n_groups
@@ -192,6 +192,19 @@ def test_scorers_return_one_finite_array_per_group(make_env, name):
     kept = env.kept_channels([max(1, g.num_channels // 4) for g in env.groups])
     for s, k in zip(env.static_scores, kept):
         assert s[k].min() >= np.sort(s)[::-1][len(k) - 1]
+
+
+def test_fpgm_ranks_filters_by_their_distance_to_the_others(make_env):
+    """FPGM (He et al. 2019): a filter's score is its summed distance to the layer's other filters, so the filter
+    nearest the geometric median ranks last; a group fed by one conv is checked against the definition."""
+    env = make_env(scorer="fpgm")
+    mods = dict(env.base_model.named_modules())
+    g = next(g for g in env.groups if len(g.producers) == 1)
+    w = mods[g.producers[0]].weight.detach().flatten(1).double().numpy()
+    dist = np.sqrt(((w[:, None, :] - w[None, :, :]) ** 2).sum(-1)).sum(1)
+    s = env.static_scores[g.index]
+    assert np.argmin(s) == np.argmin(dist) and np.argmax(s) == np.argmax(dist)
+    np.testing.assert_allclose(s / s.mean(), dist / dist.mean(), rtol=1e-4)
 
 
 def test_scorer_object_is_pluggable(make_env):

@@ -1,0 +1,53 @@
+"""The scorer comparison (``baselines.experiments.predictors``): what it measures and how it judges the goal."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from baselines.experiments import predictors as pr
+
+
+def test_report_measures_each_scorer_as_a_pruner(tiny_gym_kwargs, tmp_path):
+    out = tmp_path / "p"
+    summary = pr.report("ChannelPrune-ResNet20-v0", [0.5], ["learned", "l1", "fpgm"], [0, 1], out,
+                        {**tiny_gym_kwargs, "device": "cpu"}, progress=False)
+    with open(out / "predictors.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    # the learned predictor is trained per seed; the deterministic criteria run once
+    assert sorted((r["scorer"], r["seed"]) for r in lines) == [("fpgm", "0"), ("l1", "0"), ("learned", "0"),
+                                                                ("learned", "1")]
+    # the accuracy is that of the uniformly pruned, recalibrated net on the test split
+    import gymnasium as gym
+
+    env = gym.make("ChannelPrune-ResNet20-v0", scorer="l1", **tiny_gym_kwargs, device="cpu").unwrapped
+    kept, rt = env.cost.plan_counts([0.5] * env.n_groups)
+    net = env.build_pruned(kept, rt)
+    env.recalibrate_bn(net)
+    l1 = next(r for r in lines if r["scorer"] == "l1")
+    assert float(l1["test_acc"]) == pytest.approx(env.evaluate(net, "test")[0], abs=1e-9)
+    assert float(l1["flops_ratio"]) == pytest.approx(env.cost.ratios(kept, rt)["flops"])
+    assert summary["verdict"]["best_classic"] in ("l1", "fpgm")
+    md = (out / "predictors.md").read_text()
+    assert "| learned |" in md and "| fpgm |" in md and "Goal" in md
+    with pytest.raises(ValueError, match="scorers"):
+        pr.report("ChannelPrune-ResNet20-v0", [0.5], ["magic"], [0], out, tiny_gym_kwargs)
+
+
+def _lines(learned: list[float], classic: dict[str, float], ratios=(0.3, 0.5)) -> list[dict]:
+    lines = [{"scorer": "learned", "seed": i, "ratio": r, "test_acc": a + (0.1 if r == 0.5 else 0.0)}
+             for i, a in enumerate(learned) for r in ratios]
+    lines += [{"scorer": s, "seed": 0, "ratio": r, "test_acc": a} for s, a in classic.items() for r in ratios]
+    return lines
+
+
+def test_the_goal_needs_the_whole_learned_interval_a_point_above_the_best_classic():
+    met = pr.summarize(_lines([0.810, 0.812, 0.814], {"l1": 0.75, "fpgm": 0.78}), [0.3, 0.5])["verdict"]
+    assert met["best_classic"] == "fpgm" and met["learned_meets_goal"]
+    assert met["learned_minus_best"]["0.3"] == pytest.approx(0.032)
+    # a mean above the goal with an interval reaching below it is not enough
+    noisy = pr.summarize(_lines([0.70, 0.81, 0.92], {"l1": 0.78}), [0.3, 0.5])["verdict"]
+    assert noisy["learned_minus_best"]["0.3"] > pr.GOAL_POINTS and not noisy["learned_meets_goal"]
+    below = pr.summarize(_lines([0.70, 0.71, 0.72], {"bn": 0.78}), [0.3, 0.5])["verdict"]
+    assert below["best_classic"] == "bn" and not below["learned_meets_goal"]
