@@ -25,7 +25,8 @@ from torch import nn
 from .budget import MODES, TARGETS, CostModel
 from .data import DatasetSplits, load_dataset
 from .groups import GroupGraph
-from .importance import SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout, make_scorer
+from .importance import (DEFAULT_SCORER, SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout,
+                         make_scorer)
 from .inference import inference_context, resolve_precision
 from .latency import LatencyTable
 from .machine import resolve_device
@@ -38,7 +39,7 @@ Compensation = Callable[[GroupGraph, nn.Module, nn.Module, list], None]
 
 
 def check_settings(budget: float = 0.5, target: str = "flops", mode: str = "static", storage_budget: float = 1.0,
-                   min_keep: float = 0.1, round_to: int = 1, scorer: str | Scorer = "learned",
+                   min_keep: float = 0.1, round_to: int = 1, scorer: str | Scorer = DEFAULT_SCORER,
                    compensate: Compensation | None = None) -> None:
     """ValueError naming the argument, its value and what is allowed; nothing is built."""
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1 and math.isfinite(budget)):
@@ -90,7 +91,7 @@ class PruningProblem:
         split_seed: int = 0,
         min_keep: float = 0.1,
         round_to: int = 1,
-        scorer: str | Scorer = "learned",
+        scorer: str | Scorer = DEFAULT_SCORER,
         internal_only: bool = False,
         compensate: Compensation | None = None,
         latency: bool = False,

@@ -10,12 +10,22 @@ Stages (each timed; the times are written to ``<out>/stages.json`` and printed):
    FLOPs; the common fine-tune; test-split accuracies before and after it, the reward split as the selection
    column; exported-model latency; table in ``<out>/results.md``, plots ``pareto.png`` and ``keep_ratios.png``.
 
-Environment variables: ``DEMO_OUT`` (default ``results/demo``), ``DEMO_EPISODES`` (agent episodes, default 30),
-``DEMO_FINETUNE_STEPS`` (default 60), ``DEMO_TEST_SIZE`` (test images per evaluation: default ``all`` on a GPU,
-2000 on a CPU, where two 10,000-image evaluations per row would take about half the demo; the table says how
-many), ``DEMO_BASELINES`` (space-separated, default all), ``DEMO_AGENTS``
-(default ``ppo``), ``DEMO_DEVICE`` (``auto``: CUDA when available, else CPU; ``cpu``; ``cuda``; ``cuda:N``).
-``stages.json`` names the machine the stages ran on (``envs.machine.backend(device).machine``).
+Environment variables: ``DEMO_OUT`` (default ``results/demo``), ``DEMO_DEVICE`` (``auto``: CUDA when available,
+else CPU; ``cpu``; ``cuda``; ``cuda:N``), ``DEMO_BASELINES`` (space-separated, default all), ``DEMO_AGENTS``
+(default ``ppo``), and the run's size, whose defaults depend on the device (``PROFILES``):
+
+=========================  ===========  ============================================================
+variable                   GPU / CPU    what
+=========================  ===========  ============================================================
+``DEMO_EPISODES``          30 / 16      agent episodes, and random search's evaluations
+``DEMO_FINETUNE_STEPS``    60 / 20      steps of the common fine-tune
+``DEMO_TEST_SIZE``         all / 2000   test images per evaluation (the table says how many)
+=========================  ===========  ============================================================
+
+On a 2-core CPU the GPU's sizes take over an hour (two 10,000-image test evaluations and a 60-step fine-tune per
+row); the CPU sizes keep the demo a walk through every method and column, and ``scripts/full_run.sh`` gives the
+numbers to cite. ``stages.json`` names the machine the stages ran on (``envs.machine.backend(device).machine``) and
+the sizes used.
 """
 
 from __future__ import annotations
@@ -29,17 +39,20 @@ from pathlib import Path
 import gymnasium as gym
 
 
+PROFILES = {"cuda": {"episodes": "30", "finetune_steps": "60", "test_size": "all"},
+            "cpu": {"episodes": "16", "finetune_steps": "20", "test_size": "2000"}}
+
+
 def main() -> int:
     out = Path(os.environ.get("DEMO_OUT", "results/demo"))
-    episodes = int(os.environ.get("DEMO_EPISODES", "30"))
-    ft_steps = int(os.environ.get("DEMO_FINETUNE_STEPS", "60"))
     agents = os.environ.get("DEMO_AGENTS", "ppo").split()
     device = os.environ.get("DEMO_DEVICE", "auto")
     from envs.machine import backend
 
     be = backend(device)  # also checks the device name before anything long starts
     machine = be.machine
-    test_size = os.environ.get("DEMO_TEST_SIZE", "all" if be.device.type == "cuda" else "2000")
+    size = {k: os.environ.get(f"DEMO_{k.upper()}", v) for k, v in PROFILES[be.device.type].items()}
+    episodes, ft_steps, test_size = int(size["episodes"]), int(size["finetune_steps"]), size["test_size"]
     env_kwargs = {} if test_size == "all" else {"test_size": int(test_size)}
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
