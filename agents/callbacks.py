@@ -117,6 +117,9 @@ class EpisodeRecorder(BaseCallback):
             self.best = {**self.meta, "episode": self.episodes, "timesteps": self.num_timesteps, "reward": reward,
                          **{k: info[k] for k in BEST_KEYS if k in info}}
             write_json_atomic(self.run_dir / BEST_FILE, self.best)
-            if self._bar is not None:
-                self._bar.set_postfix(best=f"{reward:.4f}", acc=f"{info.get('accuracy', float('nan')):.4f}",
-                                      flops=f"{info.get('flops_ratio', float('nan')):.3f}", refresh=False)
+        if self._bar is not None:  # the best so far, and the search's speed in the unit its time goals use
+            b = self.best
+            self._bar.set_postfix(best=f"{b['reward']:.4f}", acc=f"{b.get('accuracy', float('nan')):.4f}",
+                                  flops=f"{b.get('flops_ratio', float('nan')):.3f}",
+                                  ep_min=f"{60 * self.episodes / max(time.perf_counter() - self._t0, 1e-9):.1f}",
+                                  refresh=False)

@@ -27,6 +27,7 @@ Episodes are counted over all workers. ``--episode-reward`` switches on AMC's ep
 from __future__ import annotations
 
 import argparse
+import csv
 import signal
 import sys
 import time
@@ -44,6 +45,7 @@ from .callbacks import EpisodeRecorder
 from .common import (
     BEST_FILE,
     CONFIG_FILE,
+    EPISODES_FILE,
     MODEL_FILE,
     check_algo,
     check_env_id,
@@ -229,10 +231,24 @@ def main(argv: list[str] | None = None) -> int:
 
     best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
     print(f"run directory: {run_dir}")
+    rate = episode_rate(run_dir / EPISODES_FILE)
+    if rate is not None:
+        episodes, seconds = rate
+        per_minute = 60 * episodes / max(seconds, 1e-9)
+        print(f"{episodes} episodes in {seconds:.0f} s: {per_minute:.1f} episodes per minute")
     if best:
         print(f"best episode {best['episode']}: reward {best['reward']:.4f}  accuracy {best['accuracy']:.4f}  "
               f"flops_ratio {best['flops_ratio']:.4f}  params_ratio {best['params_ratio']:.4f}")
     return 0
+
+
+def episode_rate(episodes_csv: Path) -> tuple[int, float] | None:
+    """(episodes, seconds since training started) from a run's ``episodes.csv``; None without episodes."""
+    if not episodes_csv.exists():
+        return None
+    with open(episodes_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return (len(rows), float(rows[-1]["seconds"])) if rows else None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -238,7 +239,8 @@ def test_cli_train_then_evaluate(tiny_setup, data_cache, monkeypatch, tmp_path, 
     best = json.loads((out / "best.json").read_text())
     assert best["env_kwargs"]["reward_size"] == 100 and best["env_kwargs_skipped"] == {}
     assert len(read_csv(out / "episodes.csv")) == 3
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert re.search(r"^3 episodes in \d+ s: \d+\.\d episodes per minute$", printed, re.M), printed
     assert evaluate_mod.main([str(out)]) == 0
     text = capsys.readouterr().out
     row = next(line for line in text.splitlines() if line.startswith("accuracy"))

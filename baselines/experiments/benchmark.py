@@ -20,14 +20,15 @@ Seeds. ``--seeds 0 1 2`` runs every stochastic part once per seed; ``results.md`
 the mean and a 95% t interval over seeds, and marks a learned row better than the best scripted method or than
 random search only where the intervals do not overlap (``stats.py``).
 
-Latency. The exported (physically pruned, static) network's latency at batch 64 is measured against the
-unpruned net, the two alternately (``envs.cost.compare_latency``), on the benchmark's device (``--latency
-device``, the default), on the CPU (``cpu``), both (``both``; on a GPU run the CPU timings share the machine's
-cores with the GPU work) or not at all (``none``). Timings taken beside other work are noisy: a grid run in
-parallel processes can run with ``--latency none`` and be timed afterwards, serially, on an otherwise idle machine
-with ``--merge DIR... --retime cpu`` (``retime``: a static plan's exported net depends only on its keep ratios). ``--device`` ("auto": CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is
-where the env evaluates, the baselines compute, the agents' envs run and the fine-tune trains. Every row names its
-machines: ``machine`` (the device's) and ``cpu_machine`` (the CPU and threads that time CPU latency).
+Latency. The exported (physically pruned, static) network's latency at batch 64 is measured against the unpruned
+net, the two alternately (``envs.cost.compare_latency``), on the benchmark's device (``--latency device``, the
+default), on the CPU (``cpu``), both (``both``; on a GPU run the CPU timings share the machine's cores with the GPU
+work) or not at all (``none``). Timings taken beside other work are noisy: a grid run in parallel processes can run
+with ``--latency none`` and be timed afterwards, serially, on an otherwise idle machine with ``--merge DIR...
+--retime cpu`` (``retime``: a static plan's exported net depends only on its keep ratios). ``--device`` ("auto":
+CUDA when available, else the CPU; "cpu"; "cuda"; "cuda:N") is where the env evaluates, the baselines compute, the
+agents' envs run and the fine-tune trains. Every row names its machines: ``machine`` (the device's) and
+``cpu_machine`` (the CPU and threads that time CPU latency).
 
 Outputs in ``--out``: ``results.csv`` (one row per method, budget and seed, appended as they finish; a rerun
 skips finished rows), ``results.md``, ``pareto.png`` (test accuracy with intervals vs FLOPs),
@@ -610,24 +611,45 @@ def plot_keep_ratios(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _run_group(name: str) -> tuple[str, str]:
+    """(algorithm, budget) of an agent run directory named ``<algo>-b<budget>[-s<seed>]``; else (name, "")."""
+    parts = name.split("-")
+    if len(parts) >= 2 and parts[1].startswith("b"):
+        return parts[0], parts[1][1:]
+    return name, ""
+
+
 def plot_reward_curves(agents_dir: Path, path: Path) -> None:
+    """Per budget (one panel each) and algorithm: the episode reward, mean over seeds with a min-max band, and
+    the best-so-far mean."""
     logs = sorted(agents_dir.glob("*/episodes.csv")) if agents_dir.exists() else []
-    if not logs:
-        return
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    curves: dict[tuple[str, str], list[np.ndarray]] = {}
     for log in logs:
         with open(log, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            continue
-        r = np.array([float(x["reward"]) for x in rows])
-        best = np.maximum.accumulate(r)
-        line, = ax.plot(np.arange(1, len(r) + 1), r, lw=0.8, alpha=0.6, label=f"{log.parent.name} reward")
-        ax.plot(np.arange(1, len(r) + 1), best, lw=1.6, color=line.get_color(), label=f"{log.parent.name} best")
-    ax.set_xlabel("episode")
-    ax.set_ylabel("reward")
-    ax.legend(fontsize=7)
+            rewards = [float(x["reward"]) for x in csv.DictReader(f)]
+        if rewards:
+            curves.setdefault(_run_group(log.parent.name), []).append(np.array(rewards))
+    if not curves:
+        return
+    plt = _plt()
+    budgets = sorted({b for _, b in curves})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), dpi=110, squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for (algo, b), runs in sorted(curves.items()):
+            if b != budget:
+                continue
+            n = min(len(r) for r in runs)
+            r = np.stack([run[:n] for run in runs])
+            x = np.arange(1, n + 1)
+            line, = ax.plot(x, r.mean(0), lw=1.0, label=f"{algo} reward ({len(runs)} seeds)")
+            if len(runs) > 1:
+                ax.fill_between(x, r.min(0), r.max(0), color=line.get_color(), alpha=0.2, lw=0)
+            ax.plot(x, np.maximum.accumulate(r, axis=1).mean(0), lw=1.8, ls="--", color=line.get_color(),
+                    label=f"{algo} best so far")
+        ax.set_title(f"budget {budget}" if budget else "agents")
+        ax.set_xlabel("episode")
+        ax.set_ylabel("reward (mean over seeds, band: min-max)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,7 +1,8 @@
 """Do the static importance scorers earn their place? Each scorer as a pruner at uniform keep ratios.
 
     python -m baselines.experiments.predictors --env ChannelPrune-ResNet18-v0 --ratios 0.3 0.5 0.7 \\
-        --scorers learned l1 bn taylor fpgm --seeds 0 1 2 [--test-size 2000] [--device auto] --out results/predictors
+        --scorers learned l1 bn taylor fpgm --seeds 0 1 2 [--test-size 2000] [--device auto] \\
+        --out results/predictors
 
 Every group keeps the same share of its channels (the keep ratio); the scorer decides which. The pruned net's
 BatchNorm statistics are re-estimated on the calibration split (as the env does for every plan), then its accuracy
@@ -128,7 +129,8 @@ def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, en
         md.append(f"| {s} | " + " | ".join(est[s, r].text() if (s, r) in est else "-" for r in ratios)
                   + f" | {est[s, ratios[0]].n} | {setup:.0f} |")
     if "learned_meets_goal" in verdict:
-        margins = ", ".join(f"{float(r):.2f}: {100 * m:+.1f} points" for r, m in verdict["learned_minus_best"].items())
+        margins = ", ".join(f"{float(r):.2f}: {100 * m:+.1f} points"
+                            for r, m in verdict["learned_minus_best"].items())
         md += ["", f"Best classic criterion at keep ratios {', '.join(map(str, verdict['goal_ratios']))}: "
                f"**{verdict['best_classic']}**. Learned minus it (means): {margins}. Goal (the learned "
                f"interval at least {100 * GOAL_POINTS:.0f} point above it at each of those ratios): "
