@@ -326,7 +326,7 @@ def retime(out: Path, env_id: str, finetune_steps: int, latency: str = "cpu", en
                              f"{len(channels)} groups (give the run's --env and --env-kwargs)")
         kept = tuple(max(1, round(r * c)) for r, c in zip(ratios, channels))
         if row["method"] == "unpruned":
-            new = {k: v for k, v in unpruned_row(env, latency).items() if k in cleared}
+            new = unpruned_latency(env, latency)  # its accuracies stay as measured
         elif kept == tuple(channels):
             new = {}
         else:
@@ -395,9 +395,8 @@ def _key(row: dict) -> tuple[str, float, int]:
     return row["method"], float(row["budget"]), int(row.get("seed") or 0)  # no seed: a row of an older version
 
 
-def unpruned_row(env, latency: str = "device") -> dict:
-    """The reference row: the unpruned network's accuracies and latency (no fine-tune; timed as ``latency`` says,
-    see ``plan_latency``)."""
+def unpruned_latency(env, latency: str = "device") -> dict:
+    """The unpruned net's batch-64 latency columns, timed as ``latency`` says (see ``plan_latency``)."""
     shape = tuple(env.problem.example_input.shape[1:])
     on_cpu, on_gpu = _latency_devices(env, latency)
     lat = {}
@@ -407,6 +406,12 @@ def unpruned_row(env, latency: str = "device") -> dict:
     if on_gpu:
         dev_lat = measure_latency(env.base_model, shape, batch_size=LATENCY_BATCH, repeats=15, device=env.device)
         lat.update(latency_b64_ms_device=1000 * dev_lat, speedup_b64_device=1.0)
+    return lat
+
+
+def unpruned_row(env, latency: str = "device") -> dict:
+    """The reference row: the unpruned network's accuracies and latency (no fine-tune; ``unpruned_latency``)."""
+    lat = unpruned_latency(env, latency)
     acc, _ = env.evaluate(env.base_model, "reward")
     test, _ = env.evaluate(env.base_model, "test")
     return {"method": "unpruned", "kind": "reference", "budget": 1.0, "seed": 0, "status": "ok",
