@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .common import BEST_FILE, EPISODES_FILE, write_json_atomic
 
 CSV_FIELDS = ("episode", "timesteps", "env", "reward", "accuracy", "flops_ratio", "params_ratio",
-              "effective_flops_ratio", "clamp_total", "seconds")
+              "effective_flops_ratio", "clamp_total", "images_scored", "seconds")
 BEST_KEYS = ("accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops_ratio", "latency_ratio",
              "budget_excess", "keep_ratios", "runtime_ratios", "kept_counts", "requested_ratios", "clamp_total")
 
@@ -106,14 +106,16 @@ class EpisodeRecorder(BaseCallback):
                "accuracy": info.get("accuracy"), "flops_ratio": info.get("flops_ratio"),
                "params_ratio": info.get("params_ratio"),
                "effective_flops_ratio": info.get("effective_flops_ratio"),
-               "clamp_total": info.get("clamp_total"), "seconds": round(time.perf_counter() - self._t0, 3)}
+               "clamp_total": info.get("clamp_total"), "images_scored": info.get("images_scored"),
+               "seconds": round(time.perf_counter() - self._t0, 3)}
         self._writer.writerow(row)
         self._csv.flush()
         if self._tb is not None:
             for key in ("reward", "accuracy", "flops_ratio", "effective_flops_ratio"):
                 if row[key] is not None:
                     self._tb.add_scalar(f"episode/{key}", float(row[key]), self.episodes)
-        if self.best is None or reward > self.best["reward"]:
+        # a plan stopped at the first rung of the race (``screen_size``) was not scored in full: never the best
+        if not info.get("screened") and (self.best is None or reward > self.best["reward"]):
             self.best = {**self.meta, "episode": self.episodes, "timesteps": self.num_timesteps, "reward": reward,
                          **{k: info[k] for k in BEST_KEYS if k in info}}
             write_json_atomic(self.run_dir / BEST_FILE, self.best)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from envs.screening import Screen
+
 from .base import Baseline, fit_to_budget, register
 
 DEFAULT_SAMPLES = 30
@@ -30,9 +32,28 @@ TOLERANCE = 0.005  # EagleEye's: a candidate's cost within 0.5% of the target
 
 def reward_accuracies(env, counts: list[tuple[list[int], list[int]]]) -> list[float]:
     """The env's score of each plan's (kept, runtime) channel counts, one after another: BN recalibration, then
-    accuracy on the reward split. The ``evaluate`` option replaces it (``baselines.experiments.ray_grid`` spreads
-    the evaluations over a Ray cluster)."""
-    return [env.problem.evaluate_plan(kept, rt, split="reward")["accuracy"] for kept, rt in counts]
+    accuracy on the reward split, raced as the env's episodes are when it has a ``screen_size`` (a plan that
+    cannot beat the best so far keeps its first-rung accuracy, below that best). The ``evaluate`` option replaces
+    it (``baselines.experiments.ray_grid`` spreads the evaluations over a Ray cluster, unraced)."""
+    screen = Screen(env.screen.first, env.screen.z) if getattr(env, "screen", None) is not None else None
+    return [env.problem.evaluate_plan(kept, rt, split="reward", screen=screen)["accuracy"] for kept, rt in counts]
+
+
+def budget_plans(env, rng: np.random.Generator, samples: int) -> tuple[list[tuple[np.ndarray, float]], int]:
+    """EagleEye's candidates: up to ``samples`` plans of uniform random keep ratios, each brought to the budget
+    by one scale factor and kept when its cost is within ``TOLERANCE`` of it; returns [(plan, cost ratio)] and
+    the number of draws (at most ``20 * samples``). ValueError when no draw comes within the tolerance."""
+    candidates, draws = [], 0
+    while len(candidates) < samples and draws < 20 * samples:
+        draws += 1
+        plan = fit_to_budget(env, rng.uniform(env.min_keep, 1.0, size=env.n_groups))
+        ratio = env.cost.plan_cost(plan)
+        if abs(ratio - env.budget) <= TOLERANCE * env.budget:
+            candidates.append((plan, ratio))
+    if not candidates:
+        raise ValueError(f"random_search: none of {draws} random plans came within {TOLERANCE:.1%} of "
+                         f"budget={env.budget}; the budget is out of reach of this network's channel counts")
+    return candidates, draws
 
 
 @register("random_search")
@@ -45,22 +66,12 @@ class RandomSearch(Baseline):
         samples = int(self.options.get("samples", DEFAULT_SAMPLES))
         if samples < 1:
             raise ValueError(f"samples={samples!r} must be a positive integer (the number of plans evaluated)")
-        cost = env.cost
-        candidates, draws = [], 0
-        while len(candidates) < samples and draws < 20 * samples:
-            draws += 1
-            plan = fit_to_budget(env, self.rng.uniform(env.min_keep, 1.0, size=env.n_groups))
-            ratio = cost.plan_cost(plan)
-            if abs(ratio - env.budget) <= TOLERANCE * env.budget:
-                candidates.append((plan, ratio))
+        candidates, draws = budget_plans(env, self.rng, samples)
         evaluate = self.options.get("evaluate") or reward_accuracies
-        accuracies = evaluate(env, [cost.plan_counts(plan) for plan, _ in candidates])
+        accuracies = evaluate(env, [env.cost.plan_counts(plan) for plan, _ in candidates])
         # every evaluated candidate: its plan, cost ratio and reward-split accuracy
         self.history = [{"plan": plan, "cost_ratio": ratio, "reward_accuracy": acc}
                         for (plan, ratio), acc in zip(candidates, accuracies)]
-        if not self.history:
-            raise ValueError(f"random_search: none of {draws} random plans came within {TOLERANCE:.1%} of "
-                             f"budget={env.budget}; the budget is out of reach of this network's channel counts")
         self.draws, self.evaluations = draws, len(self.history)
         best = max(self.history, key=lambda h: h["reward_accuracy"])  # first of equals: deterministic
         return best["plan"]

@@ -20,6 +20,7 @@ from .budget import ratio_of_action
 from .kwargs import RENDER_MODES, REWARD_ALIASES, check_kwargs
 from .observation import BUDGET_LEFT, OBS_FEATURES, PREV_ACTION, REDUCED
 from .problem import PruningProblem
+from .screening import Screen
 
 
 class ChannelPruneEnv(gym.Env):
@@ -83,6 +84,11 @@ class ChannelPruneEnv(gym.Env):
     * ``"relative_ce"`` (Chen, Chen & Pan 2020; aliases ``"chen2020"`` and the old ``"paper7"``):
       ``-CE / running mean CE`` (the running mean is an exponential average over episodes).
 
+    With ``screen_size=n`` the reward split is raced (``envs.screening``): the plan is scored on its first ``n``
+    images, and on the rest only if it can still beat the best plan this env has scored in full; otherwise the
+    reward uses the first ``n`` images (``info["screened"]``). Episodes get cheaper; the best plan is always
+    scored in full.
+
     With ``budget_mode="penalty"`` there is no wall and ``penalty_coef * (exp(excess) - 1)`` is subtracted, where
     ``excess = max(0, cost ratio / budget - 1)`` summed over the constrained costs (Chen et al.'s exponential
     penalty).
@@ -103,12 +109,13 @@ class ChannelPruneEnv(gym.Env):
     counted). At the end also: ``accuracy``, ``loss``, ``flops_ratio`` (static MACs), ``params_ratio``,
     ``effective_flops_ratio`` (per-input MACs computed, gates included), ``latency_ratio`` (look-up table; with
     ``target="latency"`` or ``latency=True``), ``keep_ratios``, ``runtime_ratios``, ``kept_counts``,
-    ``kept_channels`` (indices per group), ``clamp_total``, ``eval_seconds``, ``eval_precision``.
+    ``kept_channels`` (indices per group), ``clamp_total``, ``images_scored``, ``screened``, ``eval_seconds``,
+    ``eval_precision``.
 
     ## Arguments
 
-    Episode: ``reward`` (above), ``budget_mode`` in {wall, penalty}, ``penalty_coef``, ``render_mode`` ("ansi",
-    "rgb_array"). Problem (``envs.problem.PruningProblem``, or pass a built one as ``problem``): ``model`` (zoo
+    Episode: ``reward`` (above), ``budget_mode`` in {wall, penalty}, ``penalty_coef``, ``screen_size`` (None, or
+    images of the reward split every plan is scored on first; above), ``render_mode`` ("ansi", "rgb_array"). Problem (``envs.problem.PruningProblem``, or pass a built one as ``problem``): ``model`` (zoo
     name or ``nn.Module``; a user model needs ``example_input`` and ``data``, a ``DatasetSplits``), ``dataset``
     ("fashion-mnist", "cifar10", "imagefolder"), ``data_dir``, ``checkpoint`` (default: the cache or the shipped
     file, trained when missing unless ``train_if_missing=False``), ``width``, ``budget`` in (0, 1], ``target`` in
@@ -137,17 +144,20 @@ class ChannelPruneEnv(gym.Env):
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
 
     def __init__(self, problem: PruningProblem | None = None, *, reward: str = "acc", budget_mode: str = "wall",
-                 penalty_coef: float = 5.0, render_mode: str | None = None, **problem_kwargs: Any):
+                 penalty_coef: float = 5.0, render_mode: str | None = None, screen_size: int | None = None,
+                 **problem_kwargs: Any):
         super().__init__()
         if problem is not None and problem_kwargs:
             raise ValueError(f"problem= is given, so {', '.join(sorted(problem_kwargs))} must not be: derive the "
                              "problem instead (problem.derive(...))")
-        check_kwargs(dict(reward=reward, budget_mode=budget_mode, render_mode=render_mode, **problem_kwargs))
+        check_kwargs(dict(reward=reward, budget_mode=budget_mode, render_mode=render_mode, screen_size=screen_size,
+                          **problem_kwargs))
         self.problem = problem if problem is not None else PruningProblem(**problem_kwargs)
         self.reward_kind = REWARD_ALIASES.get(reward, reward)
         self.budget_mode, self.penalty_coef, self.render_mode = budget_mode, float(penalty_coef), render_mode
         self.env_kwargs = dict(reward=reward, budget_mode=budget_mode, penalty_coef=penalty_coef,
-                               render_mode=render_mode)
+                               render_mode=render_mode, screen_size=screen_size)
+        self.screen = Screen(screen_size) if screen_size is not None else None  # this env's search: one race
         n_act = 2 if self.problem.mode == "runtime" else 1
         self.action_space = spaces.Box(-1.0, 1.0, shape=(n_act,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBS_FEATURES),), dtype=np.float32)
@@ -223,7 +233,7 @@ class ChannelPruneEnv(gym.Env):
 
     def _finish(self) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        info = self.problem.evaluate_plan(self._kept, self._rt)
+        info = self.problem.evaluate_plan(self._kept, self._rt, screen=self.screen)
         acc, loss = info["accuracy"], info["loss"]
         info.update(keep_ratios=list(self._applied), runtime_ratios=[r / k for r, k in zip(self._rt, self._kept)],
                     kept_counts=list(self._kept), kept_channels=[c.tolist() for c in self.kept_channels()],

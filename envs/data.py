@@ -64,6 +64,11 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def part(self, start: int, stop: int | None = None) -> "Split":
+        """Images ``start:stop`` (views, no copy)."""
+        idx = self.indices[start:stop] if self.indices is not None else None
+        return Split(self.x[start:stop], self.y[start:stop], idx)
+
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self), batch_size):
             yield self.x[i : i + batch_size], self.y[i : i + batch_size]

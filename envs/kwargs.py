@@ -14,7 +14,7 @@ REWARDS = ("acc", "acc_flops", "relative_ce")
 REWARD_ALIASES = {"chen2020": "relative_ce", "paper7": "relative_ce"}  # "paper7": the name of earlier versions
 BUDGET_MODES = ("wall", "penalty")
 RENDER_MODES = ("ansi", "rgb_array")
-ENV_KWARGS = ("problem", "reward", "budget_mode", "penalty_coef", "render_mode") + PROBLEM_KWARGS
+ENV_KWARGS = ("problem", "reward", "budget_mode", "penalty_coef", "render_mode", "screen_size") + PROBLEM_KWARGS
 
 
 def check_kwargs(kwargs: dict[str, Any]) -> None:
@@ -34,5 +34,9 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     if kwargs.get("render_mode") not in (None, *RENDER_MODES):
         raise ValueError(f"render_mode={kwargs['render_mode']!r} is not allowed; allowed: None, "
                          f"{', '.join(map(repr, RENDER_MODES))}")
+    screen = kwargs.get("screen_size")
+    if screen is not None and not (isinstance(screen, int) and not isinstance(screen, bool) and screen >= 1):
+        raise ValueError(f"screen_size={screen!r} must be None (score every plan on the whole reward split) or a "
+                         "positive integer (images scored first; the rest only for plans that can still win)")
     settings = ("budget", "target", "mode", "storage_budget", "min_keep", "round_to", "scorer", "compensate")
     check_settings(**{k: kwargs[k] for k in settings if k in kwargs})

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .budget import MODES, TARGETS, CostModel
-from .data import DatasetSplits, load_dataset
+from .data import DatasetSplits, Split, load_dataset
 from .groups import GroupGraph
 from .importance import (DEFAULT_SCORER, SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout,
                          make_scorer)
@@ -33,6 +33,7 @@ from .machine import resolve_device
 from .observation import BUDGET, group_features
 from .pretrain import Recipe, checkpoint_path, evaluate, get_pretrained
 from .runtime import GateSpec, install_gates
+from .screening import Screen, combine
 
 SPLITS = ("reward", "calib", "test")
 Compensation = Callable[[GroupGraph, nn.Module, nn.Module, list], None]
@@ -252,22 +253,42 @@ class PruningProblem:
         Precision and memory format follow ``eval_precision`` (``envs.inference``)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
-        acc_loss = evaluate(model, getattr(self.data, split), self.eval_batch_size, self.eval_precision,
-                            self.device)
+        acc_loss = self.evaluate_on(model, getattr(self.data, split))
         model.eval()
         return acc_loss
 
-    def evaluate_plan(self, kept: Sequence[int], rt: Sequence[int] | None = None, split: str = "reward") -> dict:
-        """Prune, recalibrate and evaluate a plan of channel counts: accuracy, loss and cost ratios."""
+    def evaluate_plan(self, kept: Sequence[int], rt: Sequence[int] | None = None, split: str = "reward",
+                      screen: Screen | None = None) -> dict:
+        """Prune, recalibrate and evaluate a plan of channel counts: accuracy, loss, cost ratios and the number of
+        images scored. With ``screen`` (reward split only) the plan is raced (``envs.screening``): scored on the
+        first ``screen.first`` images, on the rest only when it can still beat the search's best; ``screened``
+        says it stopped early."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
         pruned = self.build_pruned(kept, rt)
         self.recalibrate_bn(pruned)
-        acc, loss = self.evaluate(pruned, split)
+        data, screened = getattr(self.data, split), False
+        if screen is not None and split == "reward" and screen.first < len(data):
+            n = screen.first
+            first = self.evaluate_on(pruned, data.part(0, n))
+            screened = not screen.can_win(first[0])
+            acc, loss = first if screened else combine(first, n, self.evaluate_on(pruned, data.part(n)),
+                                                       len(data) - n)
+        else:
+            acc, loss = self.evaluate(pruned, split)
+        if screen is not None and split == "reward" and not screened:
+            screen.record(acc)
         r = self.cost.ratios(kept, rt)
         out = {"accuracy": acc, "loss": loss, "flops_ratio": r["flops"], "params_ratio": r["params"],
-               "effective_flops_ratio": r.get("effective", r["flops"])}
+               "effective_flops_ratio": r.get("effective", r["flops"]),
+               "images_scored": screen.first if screened else len(data), "screened": screened}
         if "latency" in r:
             out["latency_ratio"] = r["latency"]
         return out
+
+    def evaluate_on(self, model: nn.Module, data: Split) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of ``model`` on any ``Split`` (e.g. a part of one), by the evaluator."""
+        return evaluate(model, data, self.eval_batch_size, self.eval_precision, self.device)
 
 
 PROBLEM_KWARGS = tuple(p for p in inspect.signature(PruningProblem.__init__).parameters if p != "self")
