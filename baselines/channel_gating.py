@@ -15,7 +15,8 @@ Thresholds: the paper learns ``Delta`` per channel with a penalty pulling all of
 (and trains the network with the gates). Here nothing is trained: ``delta`` is one shared threshold on the
 normalized partial sums of all gated layers, *calibrated* so that a target fraction of their output activations
 is gated off (``calibrate_gates`` records, per layer, the fraction of activations with ``z > delta`` on a grid of
-``delta``; ``fit_threshold`` bisects ``delta`` with the real gated net so the effective FLOPs meet a target).
+``delta``; ``fit_threshold`` brackets ``delta`` from these tables and refines it with the real gated net so the
+effective FLOPs meet a target).
 BN statistics of the gated net are re-estimated on the calibration split (as the env does for every pruned net).
 
 Effective FLOPs (``evaluate_channel_gating``) are counted exactly per input: every MAC of the base model, minus,
@@ -58,6 +59,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import brentq
 from torch import nn
 
 from envs.channel_prune import ChannelPruneEnv
@@ -341,29 +343,51 @@ def measure_gated(env: ChannelPruneEnv, model: nn.Module, gates: dict[str, Gated
             "open_fraction": open_frac, "computed_fraction": computed}
 
 
+def predicted_ratio(env: ChannelPruneEnv, cal: GateCalibration, delta: float) -> float:
+    """The effective FLOPs ratio the calibration tables predict for a shared ``delta``: the base model's partial
+    sums, so without the effect of upstream gates and of BN recalibration (``fit_threshold`` measures those)."""
+    mods = dict(env.base_model.named_modules())
+    per = env.graph.base_macs_per_module
+    saved = sum((1.0 - cal.open_fraction(n, delta)) * per[n] * (1.0 - cal.base_fraction(n, mods[n].in_channels))
+                for n in cal.layers)
+    return 1.0 - saved / float(env.graph.base_macs)
+
+
 def fit_threshold(env: ChannelPruneEnv, target: float, calibration: GateCalibration | None = None,
-                  lo: float = -4.0, hi: float = 4.0, iters: int = 10, **calib_kwargs) -> float:
+                  lo: float = -4.0, hi: float = 4.0, iters: int = 10, width: float = 0.25, xtol: float = 0.005,
+                  **calib_kwargs) -> float:
     """Smallest shared ``delta`` whose measured effective FLOPs ratio on the calibration split is <= ``target``
-    (bisection with the real gated net; ``hi`` if even that does not meet it). ``calib_kwargs`` go to
-    ``calibrate_gates`` (``p``, ``all_convs``, ``base``) when no ``calibration`` is given."""
+    (``hi`` if even that does not meet it; ``lo`` if everything does). ``calib_kwargs`` go to ``calibrate_gates``
+    (``p``, ``all_convs``, ``base``) when no ``calibration`` is given.
+
+    Every measurement builds, recalibrates and runs the real gated net, so they are spent sparingly: the tables'
+    prediction (``predicted_ratio``) gives a bracket of +-``width`` (widened to ``lo`` / ``hi`` when the
+    measurement falls outside it), then scipy's brentq on the measured ratio (at most ``iters`` iterations, to
+    ``xtol``); the answer is the smallest measured ``delta`` that meets the target."""
     check_positive("target", target)
     cal = calibration if calibration is not None else calibrate_gates(env, **calib_kwargs)
+    measured: dict[float, float] = {}
 
-    def ratio(d: float) -> float:
-        out = evaluate_channel_gating(env, d, split="calib", calibration=cal)
-        return out["effective_flops_ratio"]
+    def excess(d: float) -> float:
+        if d not in measured:
+            measured[d] = evaluate_channel_gating(env, d, split="calib", calibration=cal)["effective_flops_ratio"]
+        return measured[d] - target
 
-    if ratio(hi) > target:
-        return hi
-    if ratio(lo) <= target:
-        return lo
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if ratio(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    d0 = next((float(d) for d in GRID if lo <= d <= hi and predicted_ratio(env, cal, float(d)) <= target), hi)
+    a, b = max(lo, d0 - width), min(hi, d0 + width)
+    if excess(b) > 0:
+        if b == hi or excess(hi) > 0:
+            return hi
+        a, b = b, hi
+    elif excess(a) <= 0:
+        if a == lo or excess(lo) <= 0:
+            return lo
+        a, b = lo, a
+    try:
+        brentq(excess, a, b, xtol=xtol, maxiter=iters)
+    except RuntimeError:  # not converged within ``iters``: the best measured delta so far
+        pass
+    return min(d for d, r in measured.items() if r <= target)
 
 
 @register("channel_gating_topk")

@@ -5,9 +5,11 @@ For a gated group (a block-internal conv ``P`` -> BN -> activation -> conv ``C``
 
 * ``install_gates(..., sparse=False)``: the dense convs run and the other channels are zeroed after the BN (what
   FBS does on GPUs; fast on CPU for measuring accuracy);
-* ``install_gates(..., sparse=True)``: ``P`` computes only the selected output channels of each input and ``C``
-  reads only those input channels (per-sample weight gathers run as one grouped convolution), so the multiply-
-  accumulates really performed are the effective MACs the env reports.
+* ``install_gates(..., sparse=True)``: ``P`` computes only the selected output channels of each input, its BN
+  normalises only those, and ``C`` reads only those (at batch 1 plain convolutions with sliced weights, the
+  deployment case; larger batches one grouped convolution of per-input weights), so the multiply-accumulates
+  really performed are the effective MACs the env reports, and at batch 1 the time follows them
+  (``make bench``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ def _topk_pooled(spec: GateSpec, pooled: torch.Tensor) -> torch.Tensor:
 class _SparseConv(nn.Module):
     """A conv that, per input, computes only its gate's selected output channels (``out_spec``) and/or reads only
     the channels the previous gate selected (``in_state``). One module holds both roles, because in a plain chain
-    (VGG) a conv is the consumer of one gated group and the producer of the next."""
+    (VGG) a conv is the consumer of one gated group and the producer of the next.
+
+    Between a producer and its consumer the activations stay *compact*: (B, k, H, W), channel j of input b being
+    kept channel ``idx[b, j]``; the BN between them is a ``_SparseBN``, activations and pooling are per channel.
+    At batch 1 both convs are plain convolutions with sliced weights (the deployment case of per-input pruning);
+    larger batches run one grouped convolution with each input's own weights."""
 
     def __init__(self, conv: nn.Conv2d, in_state: _State | None, out_spec: GateSpec | None,
                  out_state: _State | None):
@@ -57,12 +64,7 @@ class _SparseConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         w = self.conv.weight  # (C_out, C_in, kh, kw)
-        idx_in = None
-        if self.in_state is not None:
-            idx_in = self.in_state.idx
-            k_in = idx_in.shape[1]
-            # only the computed channels: the others hold BN(0), not the zeros of the dense execution
-            x = x.gather(1, idx_in[:, :, None, None].expand(b, k_in, *x.shape[2:]))
+        idx_in = self.in_state.idx if self.in_state is not None else None  # x is compact: (B, k_in, H, W)
         idx_out = None
         if self.out_spec is not None:
             pooled = x.mean((2, 3))
@@ -70,6 +72,16 @@ class _SparseConv(nn.Module):
                 pooled = pooled.new_zeros(b, self.conv.in_channels).scatter_(1, idx_in, pooled)
             idx_out = _topk_pooled(self.out_spec, pooled)
             self.out_state.idx = idx_out
+        if b == 1:  # sliced weights, one plain convolution
+            if idx_out is not None:
+                w = w.index_select(0, idx_out[0])
+            if idx_in is not None:
+                w = w.index_select(1, idx_in[0])
+            bias = self.conv.bias
+            if bias is not None and idx_out is not None:
+                bias = bias.index_select(0, idx_out[0])
+            return F.conv2d(x, w, bias, self.conv.stride, self.conv.padding, self.conv.dilation)
+        if idx_out is not None:
             w = w[idx_out]  # (B, k_out, C_in, kh, kw): each input's own filters
         else:
             w = w.unsqueeze(0).expand(b, *w.shape)  # (B, C_out, C_in, kh, kw) view
@@ -82,10 +94,33 @@ class _SparseConv(nn.Module):
         if self.conv.bias is not None:
             bias = self.conv.bias[idx_out] if idx_out is not None else self.conv.bias[None, :]
             out = out + bias[:, :, None, None]
-        if idx_out is None:
-            return out
-        full = out.new_zeros(b, self.conv.out_channels, *out.shape[2:])
-        return full.scatter_(1, idx_out[:, :, None, None].expand_as(out), out)
+        return out
+
+
+class _SparseBN(nn.Module):
+    """The BatchNorm of a gated group on compact activations: each input's selected channels, their own
+    statistics and affine parameters. In training mode the batch statistics need whole channels, so the compact
+    activations are spread to the full width (zeros where not computed), normalised, and gathered back."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, state: _State):
+        super().__init__()
+        self.bn, self.state = bn, state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.state.idx  # (B, k)
+        bn = self.bn
+        if bn.training or bn.running_mean is None:
+            where = idx[:, :, None, None].expand_as(x)
+            full = x.new_zeros(x.shape[0], bn.num_features, *x.shape[2:]).scatter_(1, where, x)
+            return bn(full).gather(1, where)
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        shift = -bn.running_mean * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        if idx.shape[0] == 1:
+            idx0 = idx[0]
+            return x * scale.index_select(0, idx0)[None, :, None, None] + shift.index_select(0, idx0)[None, :, None, None]
+        return x * scale[idx][:, :, None, None] + shift[idx][:, :, None, None]
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -104,6 +139,7 @@ def install_gates(model: nn.Module, specs: list[GateSpec], sparse: bool = False)
             state = _State()
             roles.setdefault(spec.producer, {})["out"] = (spec, state)
             roles.setdefault(spec.consumer, {})["in"] = state
+            _set(model, spec.bn, _SparseBN(mods[spec.bn], state))
         for name, role in roles.items():
             out_spec, out_state = role.get("out", (None, None))
             _set(model, name, _SparseConv(mods[name], role.get("in"), out_spec, out_state))

@@ -131,6 +131,11 @@ def test_sparse_executor_matches_dense_and_counts_effective_macs(make_env):
     total = sum(counts["Global"].values()) / 2 / len(x)
     assert total == env.cost.effective_macs(kept, rt)
     assert total < sum(static.values())
+    # batch 1 (plain convolutions with sliced weights, the deployment case): the same logits and MACs
+    for j in (0, 5):
+        counts1, out1 = flop_counts(sparse, x[j:j + 1])
+        torch.testing.assert_close(out1, ref[j:j + 1], rtol=1e-4, atol=1e-4)
+        assert sum(counts1["Global"].values()) / 2 == env.cost.effective_macs(kept, rt)
 
 
 def test_sparse_executor_on_a_chain_of_gated_convs():

@@ -18,3 +18,14 @@ def test_speed_bench_reports_every_measure(tiny_gym_kwargs):
     assert res["memory_episodes"] == 3 and res["rss_mb_end"] > 0
     assert res["rss_growth_mb_10_to_end"] == res["rss_mb_end"] - res["rss_mb_after_10"]
     json.dumps(res)  # the --out file is plain JSON
+
+
+def test_runtime_batch1_latency_reports_the_gated_net_at_its_effective_flops(tiny_gym_kwargs):
+    r = speed.runtime_latency("ChannelPrune-ResNet20-v0", 0.5, {**tiny_gym_kwargs, "device": "cpu"})
+    assert r["batch_size"] == 1 and r["gated_groups"] > 0
+    assert r["effective_flops_ratio"] <= 0.5 + 1e-9 and r["static_flops_ratio"] <= 0.5 + 1e-9
+    assert r["effective_flops_ratio"] > 0.4  # fitted to the budget, not far below it
+    assert 0 < r["runtime_ratio"] < 1
+    for key in ("unpruned_ms", "gated_ms", "static_ms"):
+        assert r[key] > 0, key
+    assert r["gated_over_unpruned"] == r["gated_ms"] / r["unpruned_ms"]

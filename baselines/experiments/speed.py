@@ -11,6 +11,10 @@ Prints, for one fixed plan (uniform keep ratios fitted to the budget):
   evaluated on the same data;
 * evaluator throughput: the unpruned net on the reward split, images/s, for a plain contiguous float32 loop and
   for the env's evaluator with ``eval_precision`` "fp32" (channels-last) and "bf16" (channels-last + autocast);
+* runtime gating at batch 1 (``--runtime-effective``, default 0.5): the network kept whole, every gated group
+  computing the same fraction of its channels per input so that the effective FLOPs are that fraction, run by
+  the sparse executor (``envs.runtime``) at batch 1, against the unpruned net and against static pruning to the
+  same FLOPs (``torch.utils.benchmark`` via ``envs.cost.compare_latency``: alternated, best of 3 rounds);
 * resident memory (RSS) before and after ``--memory-episodes`` episodes on a small reward/calibration split
   (memory growth is what matters there, not speed); on a GPU also the peak of CUDA memory allocated.
 
@@ -35,6 +39,7 @@ import torch
 import envs  # noqa: F401 - registers the ids
 from baselines import make_baseline
 from envs.cli import parse_key_values
+from envs.cost import compare_latency
 from envs.episodes import run_actions
 from envs.machine import backend, resolve_device
 
@@ -151,6 +156,30 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
     return result
 
 
+def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size: int = 1) -> dict:
+    """Batch-``batch_size`` CPU latency of runtime gating at ``effective`` FLOPs (every gated group computing one
+    common fraction of its channels per input, nothing pruned statically; the sparse executor), of static
+    uniform pruning to the same FLOPs, and of the unpruned net; on the CPU, contiguous float32."""
+    env = gym.make(env_id, **{**env_kwargs, "mode": "runtime", "budget": effective, "storage_budget": 1.0}
+                   ).unwrapped
+    cost, n, whole = env.cost, env.n_groups, [1.0] * env.n_groups
+    u = cost.fit_parameter(lambda u: (whole, [u] * n), env.min_keep, 1.0)
+    kept, rt = cost.plan_counts(whole, [u] * n)
+    s = cost.fit_parameter(lambda s: ([s] * n, None), env.min_keep, 1.0)
+    kept_static, _ = cost.plan_counts([s] * n)
+    gated = env.build_pruned(kept, rt, sparse=True)
+    static = env.build_pruned(kept_static, kept_static)
+    shape = tuple(env.problem.example_input.shape[1:])
+    t_gated, t_base = compare_latency(gated, env.base_model, shape, batch_size)
+    t_static, t_base2 = compare_latency(static, env.base_model, shape, batch_size)
+    t_base = min(t_base, t_base2)
+    return {"batch_size": batch_size, "runtime_ratio": u, "gated_groups": int(sum(env.gated)),
+            "effective_flops_ratio": cost.ratios(kept, rt)["effective"],
+            "static_flops_ratio": cost.ratios(kept_static)["flops"], "unpruned_ms": 1e3 * t_base,
+            "gated_ms": 1e3 * t_gated, "static_ms": 1e3 * t_static, "gated_over_unpruned": t_gated / t_base,
+            "static_over_unpruned": t_static / t_base}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m baselines.experiments.speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--episodes", type=int, default=5, help="timed repeats (median)")
     p.add_argument("--memory-episodes", type=int, default=300)
+    p.add_argument("--runtime-effective", type=float, default=0.5,
+                   help="effective FLOPs of the batch-1 runtime-gating latency (0 skips it; runtime mode trains "
+                        "the runtime predictor on first use)")
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
     p.add_argument("--device", default=None,
                    help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N")
@@ -176,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(kwargs["device"])
     except ValueError as exc:
         p.error(str(exc))
+    if not 0 <= args.runtime_effective <= 1:
+        p.error(f"--runtime-effective {args.runtime_effective} must be in [0, 1] (0: skip)")
     res = run(args.env, args.budget, args.episodes, args.memory_episodes, kwargs)
+    if args.runtime_effective > 0:
+        res["runtime_batch1"] = runtime_latency(args.env, args.runtime_effective, kwargs)
     print(f"{args.env} at {args.budget:.0%} FLOPs, reward split {res['reward_images']} images, "
           f"calibration {res['calib_images']}, on {res['device']}: {res['machine']}")
     print(f"  episode (all steps + prune + recal + eval):  {res['episode_s']:.2f} s")
@@ -189,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     if "rss_mb_end" in res:
         print(f"  RSS over {res['memory_episodes']} episodes: {res['rss_mb_after_10']:.0f} MB after 10 -> "
               f"{res['rss_mb_end']:.0f} MB at the end ({res['rss_growth_mb_10_to_end']:+.0f} MB)")
+    if "runtime_batch1" in res:
+        r = res["runtime_batch1"]
+        print(f"  batch 1, CPU: unpruned {r['unpruned_ms']:.2f} ms; runtime gating at {r['effective_flops_ratio']:.0%} "
+              f"effective FLOPs (sparse executor, {r['gated_groups']} gated groups) {r['gated_ms']:.2f} ms "
+              f"= {r['gated_over_unpruned']:.2f}x; static pruning at {r['static_flops_ratio']:.0%} FLOPs "
+              f"{r['static_ms']:.2f} ms = {r['static_over_unpruned']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
