@@ -219,6 +219,22 @@ def test_best_json_replays_exactly_and_evaluates(mode, small_kwargs, tmp_path):
     assert "accuracy" in evaluate_mod.format_results(results)
 
 
+def test_raced_training_keeps_the_best_among_plans_scored_in_full(small_kwargs, tmp_path):
+    kwargs = {**small_kwargs, "screen_size": 50}
+    run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False)
+    with open(run / "episodes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    full = len(small_kwargs["data"].reward)
+    scored = {int(r["images_scored"]) for r in rows}
+    assert scored <= {50, full} and full in scored
+    best = json.loads((run / "best.json").read_text())
+    best_row = rows[best["episode"] - 1]
+    assert int(best_row["images_scored"]) == full  # the best episode was scored on the whole reward split
+    assert best["accuracy"] == max(float(r["accuracy"]) for r in rows if int(r["images_scored"]) == full)
+    env = make_env_from_best(run / "best.json", data=small_kwargs["data"])
+    assert run_episode(env, BestPolicy.load(run / "best.json"))[1]["accuracy"] == best["accuracy"]
+
+
 def test_best_policy_runtime_mode_maps_both_ratios():
     policy = BestPolicy([1.0, 0.55, 0.1], min_keep=0.1, runtime_ratios=[1.0, 0.5, 1.0], mode="runtime")
     a = policy.predict(np.array([0.5] + [0.0] * 22, dtype=np.float32))[0]  # step 1 of 3

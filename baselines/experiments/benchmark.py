@@ -174,6 +174,8 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
         for method, run_env, policy, evaluations in plays:
             if method not in cell.methods:
                 continue
+            if run_env.screen is not None:  # a row's reward accuracy is always the whole split's, never raced
+                run_env = run_env.derive(screen_size=None)
             info = run_episode(run_env, policy, seed=0)[1]
             row = _row_from_info(method, cell.kind, cell.budget, info)
             row.update(evaluate_plan(run_env, info, job.finetune_steps, job.progress, cell.seed, job.latency))

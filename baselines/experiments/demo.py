@@ -20,6 +20,9 @@ variable                   GPU / CPU    what
 ``DEMO_EPISODES``          30 / 16      agent episodes, and random search's evaluations
 ``DEMO_FINETUNE_STEPS``    60 / 20      steps of the common fine-tune
 ``DEMO_TEST_SIZE``         all / 2000   test images per evaluation (the table says how many)
+``DEMO_SCREEN_SIZE``       none / 500   the agent's and random search's plans are raced: scored on the
+                                        first 500 reward images, in full only when they can still win
+                                        (``envs.screening``; the table's rows are scored in full)
 =========================  ===========  ============================================================
 
 On a 2-core CPU the GPU's sizes take over an hour (two 10,000-image test evaluations and a 60-step fine-tune per
@@ -39,8 +42,8 @@ from pathlib import Path
 import gymnasium as gym
 
 
-PROFILES = {"cuda": {"episodes": "30", "finetune_steps": "60", "test_size": "all"},
-            "cpu": {"episodes": "16", "finetune_steps": "20", "test_size": "2000"}}
+PROFILES = {"cuda": {"episodes": "30", "finetune_steps": "60", "test_size": "all", "screen_size": "none"},
+            "cpu": {"episodes": "16", "finetune_steps": "20", "test_size": "2000", "screen_size": "500"}}
 
 
 def main() -> int:
@@ -54,6 +57,8 @@ def main() -> int:
     size = {k: os.environ.get(f"DEMO_{k.upper()}", v) for k, v in PROFILES[be.device.type].items()}
     episodes, ft_steps, test_size = int(size["episodes"]), int(size["finetune_steps"]), size["test_size"]
     env_kwargs = {} if test_size == "all" else {"test_size": int(test_size)}
+    if size["screen_size"] != "none":
+        env_kwargs["screen_size"] = int(size["screen_size"])
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -85,7 +90,7 @@ def main() -> int:
     stages["total_s"] = time.perf_counter() - t0
     (out / "stages.json").write_text(json.dumps({**stages, "test_accuracy_unpruned": meta["test_accuracy"],
                                                 "agent_episodes": episodes, "finetune_steps": ft_steps,
-                                                "test_images": test_size,
+                                                "test_images": test_size, "screen_size": size["screen_size"],
                                                 "device": device, "machine": machine}, indent=2))
     print((out / "results.md").read_text())
     print("[demo] stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()))

@@ -1,0 +1,95 @@
+"""Racing the reward split (``screen_size``): what a raced search scores, what it skips, and what it never gets
+wrong (a plan scored in full has exactly the unraced score; the best is always scored in full)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from baselines import make_baseline
+from baselines.experiments import screening
+from envs.episodes import run_actions
+from envs.screening import Screen
+
+
+def test_racing_rule_stops_only_plans_that_cannot_win():
+    s = Screen(500)
+    assert s.can_win(0.01)  # nothing scored in full yet: the first plan always is
+    s.record(0.80)
+    assert s.can_win(0.80) and s.can_win(0.78)  # within two standard errors (0.018 at 500 images)
+    assert not s.can_win(0.70)
+    with pytest.raises(ValueError, match="screen_size"):
+        Screen(0)
+
+
+def random_actions(env, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, env.action_space.shape) for _ in range(env.n_groups)]
+
+
+def test_raced_env_scores_in_full_exactly_or_stops_at_the_first_rung(make_env):
+    plain = make_env(budget=0.5)
+    raced = plain.derive(screen_size=100)
+    assert raced.screen is not None and plain.screen is None
+    full_scores, screened = [], 0
+    for seed in range(8):
+        ref = run_actions(plain, random_actions(plain, seed))
+        info = run_actions(raced, random_actions(raced, seed))
+        assert info["kept_counts"] == ref["kept_counts"]
+        if info["screened"]:
+            screened += 1
+            assert info["images_scored"] == 100
+            assert info["accuracy"] < raced.screen.best  # a stopped plan is below the best scored in full
+        else:
+            assert info["images_scored"] == len(plain.data.reward)
+            assert info["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)  # the parts add up exactly
+            assert info["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+            full_scores.append(ref["accuracy"])
+    assert full_scores  # the first plan at least
+    assert raced.screen.best == max(full_scores)
+    assert screened > 0  # random plans on the tiny model spread wider than the race's margin
+
+
+def test_raced_random_search_chooses_a_plan_scored_in_full(make_env):
+    env = make_env(budget=0.5, screen_size=100)
+    b = make_baseline("random_search", env, seed=0, samples=10).setup()
+    best = max(h["reward_accuracy"] for h in b.history)
+    chosen = [h for h in b.history if h["reward_accuracy"] == best][0]
+    kept, rt = env.cost.plan_counts(chosen["plan"])
+    assert env.problem.evaluate_plan(kept, rt)["accuracy"] == pytest.approx(best, abs=1e-12)
+    plain = make_baseline("random_search", make_env(budget=0.5), seed=0, samples=10).setup()
+    assert [h["plan"].tolist() for h in plain.history] == [h["plan"].tolist() for h in b.history]
+    # the race changes scores only of plans below the best
+    for h, p in zip(b.history, plain.history):
+        assert h["reward_accuracy"] == pytest.approx(p["reward_accuracy"], abs=1e-12) or h["reward_accuracy"] < best
+
+
+def test_race_replay_finds_the_best_when_the_first_rung_agrees():
+    acc = np.random.default_rng(0).uniform(0.3, 0.9, 40)
+    r = screening.race(acc, acc, 500, 2000, orders=50)
+    assert r["found_best"] == 1.0 and r["max_regret"] == 0.0
+    assert 1 / 40 <= r["scored_in_full"] < 1.0  # plans far below the best so far are stopped
+    assert r["images_per_plan"] == pytest.approx(500 + r["scored_in_full"] * 1500)
+    # a first rung that ranks plans backwards misleads the race: it can miss the best
+    bad = screening.race(1.2 - acc, acc, 500, 2000, orders=50)
+    assert bad["found_best"] < 1.0 and bad["mean_regret"] > 0
+
+
+def test_screening_report_on_the_tiny_model(make_env):
+    env = make_env(budget=0.5)
+    rows = screening.score_plans(env, 5, [100, 250], seed=0)
+    assert len(rows) == 5
+    for r in rows:
+        assert set(r["rungs"]) == {100, 250, len(env.data.reward)}
+        assert r["rungs"][len(env.data.reward)]["accuracy"] == r["accuracy"]
+        assert r["rungs"][100]["seconds"] < r["rungs"][250]["seconds"] < r["rungs"][len(env.data.reward)]["seconds"]
+        assert math.isclose(r["cost_ratio"], 0.5, abs_tol=0.5 * 0.005)
+    with pytest.raises(ValueError, match="first"):
+        screening.score_plans(env, 3, [len(env.data.reward)])
+
+
+def test_bad_screen_size_names_the_argument(make_env):
+    with pytest.raises(ValueError, match="screen_size=0"):
+        make_env(screen_size=0)
