@@ -392,8 +392,8 @@ def fit_threshold(env: ChannelPruneEnv, target: float, calibration: GateCalibrat
 
 @register("channel_gating_topk")
 class ChannelGating(Baseline):
-    """Channel Gating's per-layer computed fractions as runtime keep ratios, executed by the env's own whole-channel
-    top-k gates (a transfer of CG's allocation; ``channel_gating`` is CG itself).
+    """Channel Gating's per-layer computed fractions as runtime keep ratios, executed by the env's own
+    whole-channel top-k gates (a transfer of CG's allocation; ``channel_gating`` is CG itself).
 
     Options: ``p`` (4), ``base`` ("first"), ``delta`` (None: the smallest grid delta whose predicted plan meets
     the budget, at most ``max_delta``), ``max_delta`` (1.0).

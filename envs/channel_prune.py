@@ -115,7 +115,8 @@ class ChannelPruneEnv(gym.Env):
     ## Arguments
 
     Episode: ``reward`` (above), ``budget_mode`` in {wall, penalty}, ``penalty_coef``, ``screen_size`` (None, or
-    images of the reward split every plan is scored on first; above), ``render_mode`` ("ansi", "rgb_array"). Problem (``envs.problem.PruningProblem``, or pass a built one as ``problem``): ``model`` (zoo
+    images of the reward split every plan is scored on first; above), ``render_mode`` ("ansi", "rgb_array").
+    Problem (``envs.problem.PruningProblem``, or pass a built one as ``problem``): ``model`` (zoo
     name or ``nn.Module``; a user model needs ``example_input`` and ``data``, a ``DatasetSplits``), ``dataset``
     ("fashion-mnist", "cifar10", "imagefolder"), ``data_dir``, ``checkpoint`` (default: the cache or the shipped
     file, trained when missing unless ``train_if_missing=False``), ``width``, ``budget`` in (0, 1], ``target`` in

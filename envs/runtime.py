@@ -119,7 +119,8 @@ class _SparseBN(nn.Module):
             scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
         if idx.shape[0] == 1:
             idx0 = idx[0]
-            return x * scale.index_select(0, idx0)[None, :, None, None] + shift.index_select(0, idx0)[None, :, None, None]
+            scale, shift = scale.index_select(0, idx0)[None], shift.index_select(0, idx0)[None]
+            return x * scale[:, :, None, None] + shift[:, :, None, None]
         return x * scale[idx][:, :, None, None] + shift[idx][:, :, None, None]
 
 

@@ -28,7 +28,8 @@ class Screen:
 
     def __post_init__(self):
         if not (isinstance(self.first, int) and self.first >= 1):
-            raise ValueError(f"screen_size={self.first!r} must be a positive integer (images scored first) or None")
+            raise ValueError(f"screen_size={self.first!r} must be a positive integer (images scored first) or "
+                             "None")
         if not (self.z >= 0 and math.isfinite(self.z)):
             raise ValueError(f"screen z={self.z!r} must be a finite number >= 0")
 
@@ -42,7 +43,8 @@ class Screen:
         self.best = max(self.best, accuracy)
 
 
-def combine(first: tuple[float, float], n_first: int, rest: tuple[float, float], n_rest: int) -> tuple[float, float]:
+def combine(first: tuple[float, float], n_first: int, rest: tuple[float, float], n_rest: int
+            ) -> tuple[float, float]:
     """(accuracy, mean loss) of the whole split from those of its two parts."""
     n = n_first + n_rest
     return tuple((a * n_first + b * n_rest) / n for a, b in zip(first, rest))

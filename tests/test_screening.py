@@ -63,7 +63,8 @@ def test_raced_random_search_chooses_a_plan_scored_in_full(make_env):
     assert [h["plan"].tolist() for h in plain.history] == [h["plan"].tolist() for h in b.history]
     # the race changes scores only of plans below the best
     for h, p in zip(b.history, plain.history):
-        assert h["reward_accuracy"] == pytest.approx(p["reward_accuracy"], abs=1e-12) or h["reward_accuracy"] < best
+        same = h["reward_accuracy"] == pytest.approx(p["reward_accuracy"], abs=1e-12)
+        assert same or h["reward_accuracy"] < best
 
 
 def test_race_replay_finds_the_best_when_the_first_rung_agrees():
@@ -84,7 +85,8 @@ def test_screening_report_on_the_tiny_model(make_env):
     for r in rows:
         assert set(r["rungs"]) == {100, 250, len(env.data.reward)}
         assert r["rungs"][len(env.data.reward)]["accuracy"] == r["accuracy"]
-        assert r["rungs"][100]["seconds"] < r["rungs"][250]["seconds"] < r["rungs"][len(env.data.reward)]["seconds"]
+        seconds = [r["rungs"][n]["seconds"] for n in (100, 250, len(env.data.reward))]
+        assert seconds == sorted(seconds) and seconds[0] > 0  # cumulative: each rung adds its part's time
         assert math.isclose(r["cost_ratio"], 0.5, abs_tol=0.5 * 0.005)
     with pytest.raises(ValueError, match="first"):
         screening.score_plans(env, 3, [len(env.data.reward)])

@@ -111,7 +111,7 @@ def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: in
     if finetune_steps > 0:
         net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress, device=env.device)
     ft_s = time.perf_counter() - t0  # finetune hands the net back on the CPU: its GPU work is finished
-    test_acc, _ = env.evaluate(net, "test")
+    test_acc = env.evaluate(net, "test")[0] if finetune_steps > 0 else test_before  # unchanged net: not again
     static = env.graph.prune_copy(env.kept_channels(kept))  # exported net: static pruning only
     return {"test_acc_before_ft": test_before, "test_acc": test_acc, "finetune_seconds": ft_s,
             **plan_latency(env, static, latency)}
@@ -129,7 +129,7 @@ def own_network_row(method: str, budget: float, env, net, measure, finetune_step
     if finetune_steps > 0:
         net = finetune(net, env.data, steps=finetune_steps, seed=seed, progress=progress, device=env.device)
     ft_s = time.perf_counter() - t0
-    after = measure(net, "test")
+    after = measure(net, "test") if finetune_steps > 0 else before
     return {"method": method, "kind": "baseline", "budget": budget, "reward_acc_before_ft": selection["accuracy"],
             "test_acc_before_ft": before["accuracy"], "test_acc": after["accuracy"], "flops_ratio": 1.0,
             "params_ratio": 1.0, "effective_flops_ratio": after["effective_flops_ratio"], "clamp_total": 0.0,

@@ -120,7 +120,8 @@ def markdown(result: dict) -> str:
              f"`{result['env']}` {result['env_kwargs']}, {result['plans']} random budget-fitted plans per budget "
              f"(seed {result['seed']}), racing replayed over {result_orders(result)} random orders; machine: "
              f"{result['machine']}. Seconds per plan include the BN recalibration.", "",
-             "| budget | first images | Spearman (first vs whole split) | reward accuracy range | scored in full | "
+             "| budget | first images | Spearman (first vs whole split) | reward accuracy range | "
+             "scored in full | "
              "images per plan | race finds the best | mean / max accuracy lost | seconds per plan: whole, raced | "
              "speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -128,7 +129,8 @@ def markdown(result: dict) -> str:
         for first, f in r["first"].items():
             rc = f["race"]
             lines.append(f"| {b} | {first} | {f['spearman']:.3f} | {r['accuracy_range'][0]:.3f}-"
-                         f"{r['accuracy_range'][1]:.3f} | {rc['scored_in_full']:.0%} | {rc['images_per_plan']:.0f} of "
+                         f"{r['accuracy_range'][1]:.3f} | {rc['scored_in_full']:.0%} | "
+                         f"{rc['images_per_plan']:.0f} of "
                          f"{r['reward_images']} | {rc['found_best']:.0%} | {rc['mean_regret']:.4f} / "
                          f"{rc['max_regret']:.4f} | {r['full_seconds_per_plan']:.2f}, "
                          f"{f['raced_seconds_per_plan']:.2f} | {f['plan_speedup']:.2f}x |")

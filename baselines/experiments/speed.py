@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['rss_mb_end']:.0f} MB at the end ({res['rss_growth_mb_10_to_end']:+.0f} MB)")
     if "runtime_batch1" in res:
         r = res["runtime_batch1"]
-        print(f"  batch 1, CPU: unpruned {r['unpruned_ms']:.2f} ms; runtime gating at {r['effective_flops_ratio']:.0%} "
+        print(f"  batch 1, CPU: unpruned {r['unpruned_ms']:.2f} ms; runtime gating at "
+              f"{r['effective_flops_ratio']:.0%} "
               f"effective FLOPs (sparse executor, {r['gated_groups']} gated groups) {r['gated_ms']:.2f} ms "
               f"= {r['gated_over_unpruned']:.2f}x; static pruning at {r['static_flops_ratio']:.0%} FLOPs "
               f"{r['static_ms']:.2f} ms = {r['static_over_unpruned']:.2f}x")
