@@ -123,7 +123,8 @@ class ChannelPruneEnv(gym.Env):
     {flops, params, latency}, ``mode`` in {static, runtime}, ``storage_budget`` (runtime mode: parameters kept),
     ``reward_size``, ``calib_size``, ``test_size`` (None: the whole test split), ``split_seed``, ``min_keep`` in
     (0, 1], ``round_to``, ``scorer`` ("taylor", the default; "l1", "bn", "fpgm", "learned" or an object with
-    ``scores(ctx)``), ``internal_only``, ``compensate`` (None or a callable
+    ``scores(ctx)``), ``importance_samples`` (keep sets the learned static predictor measures per group and keep
+    ratio; 4), ``internal_only``, ``compensate`` (None or a callable
     ``(graph, base_model, pruned, keep_idx)``, e.g. ``baselines.neuron_merging.merge_compensation``),
     ``eval_precision`` ("auto": bf16 autocast where the machine has fast bf16 kernels; "fp32"; "bf16"),
     ``device`` ("auto": CUDA when available, else CPU; "cpu"; "cuda:N": where evaluation, BN recalibration, gates

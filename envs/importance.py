@@ -11,9 +11,10 @@ Static importance (dataset-wide; decides which channels are removed for storage)
 * ``fpgm``: a filter's summed distance to the layer's other filters (He et al., CVPR 2019: the filters nearest
   the geometric median are the most replaceable, so they go first).
 * ``learned``: the **static importance predictor**, a small MLP over per-channel features (filter L1 and
-  L2 norms, BN |gamma|, Taylor, mean activation, distance to the layer's geometric median), trained to predict
-  the measured loss increase when the channel alone is masked, on a sample of channels; its rank correlation with
-  the measured ground truth on held-out channels is reported.
+  L2 norms, BN |gamma|, Taylor, mean activation, distance to the layer's geometric median, depth, width), trained
+  for what the env asks of it: which channels a group keeps at a keep ratio. Per group and keep ratio it measures
+  the loss of a few plausible keep sets and learns to rank them (``train_static_predictor``); how often it orders
+  held-out keep sets right, next to Taylor and L1, is reported.
 
 Runtime importance (per input; decides what each input computes): the **runtime importance predictor** is an
 FBS-style gate per block-internal group, ``saliency = Linear(GAP(input of the producer conv))``, fitted with the
@@ -21,9 +22,10 @@ base net frozen (ridge regression, closed form) to each input's per-channel outp
 activation). Residual-stream groups carry no gate (their runtime ratio is fixed to 1). Its quality is reported as
 the mean per-input Spearman correlation on the calibration split.
 
-Both predictors are trained once per checkpoint and cached next to it (``<checkpoint>.importance.pt``, loaded
-with ``weights_only=True``). A scorer is any object with ``scores(ctx) -> list[np.ndarray]`` (one array per
-group, higher = more important), so a baseline can plug its own.
+Each predictor is trained once per checkpoint, only when asked for (the static one for ``scorer="learned"``, the
+gates in runtime mode), and cached next to it (``<checkpoint>.static-predictor-*.pt``,
+``<checkpoint>.runtime-gates-*.pt``; loaded with ``weights_only=True``). A scorer is any object with
+``scores(ctx) -> list[np.ndarray]`` (one array per group, higher = more important), so a baseline can plug its own.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -110,7 +113,8 @@ def geometric_median_distance(ctx: ImportanceContext) -> list[np.ndarray]:
     return out
 
 
-def taylor_and_activation(ctx: ImportanceContext, batch_size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def taylor_and_activation(ctx: ImportanceContext, batch_size: int = 128
+                          ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """First-order Taylor |sum a*dL/da| and mean |a| at each group's BN (or producer) outputs."""
     dev = ctx.device
     model = copy.deepcopy(ctx.model).to(dev)  # the base model stays where it is, untouched
@@ -161,7 +165,8 @@ def taylor_and_activation(ctx: ImportanceContext, batch_size: int = 128) -> tupl
 def channel_features(ctx: ImportanceContext) -> list[np.ndarray]:
     """(C, len(FEATURES)) features per group, each column rank-normalized to [0, 1] within the group."""
     taylor, act = taylor_and_activation(ctx)
-    cols = [weight_norms(ctx, 1), weight_norms(ctx, 2), bn_scales(ctx), taylor, act, geometric_median_distance(ctx)]
+    cols = [weight_norms(ctx, 1), weight_norms(ctx, 2), bn_scales(ctx), taylor, act,
+            geometric_median_distance(ctx)]
     feats = []
     for gi, g in enumerate(ctx.graph.groups):
         mat = np.stack([c[gi] for c in cols], axis=1).astype(np.float64)
@@ -213,85 +218,145 @@ class StaticMLP(nn.Module):
 def _group_context(graph: GroupGraph) -> list[np.ndarray]:
     """Per-group context features appended to each channel's row: relative depth, log2 width."""
     n = len(graph.groups)
-    return [np.array([g.index / max(n - 1, 1), np.log2(g.num_channels) / 10.0], dtype=np.float32) for g in graph.groups]
+    return [np.array([g.index / max(n - 1, 1), np.log2(g.num_channels) / 10.0], dtype=np.float32)
+            for g in graph.groups]
+
+
+SUBSET_RATIOS = (0.3, 0.5, 0.7)  # the keep ratios the static predictor is trained at: those the env is asked for
 
 
 @torch.no_grad()
-def measure_mask_loss_increase(
-    ctx: ImportanceContext, samples: Sequence[tuple[int, int]], images: int = 256, progress: bool = True
+def measure_subset_losses(
+    ctx: ImportanceContext, subsets: Sequence[tuple[int, np.ndarray]], images: int = 128, progress: bool = True
 ) -> np.ndarray:
-    """Ground truth: loss increase on ``images`` calibration images when channel c of group g alone is masked."""
+    """Ground truth: cross-entropy on the first ``images`` calibration images when group g keeps only the channels
+    ``keep`` (every other group whole), for each ``(g, keep)`` of ``subsets``; masked, not pruned."""
     dev = ctx.device
     model = copy.deepcopy(ctx.model).to(dev).eval()  # masks go through hooks on this copy only
     x, y = ctx.calib.x[:images].to(dev), ctx.calib.y[:images].to(dev)
-    base = F.cross_entropy(model(x), y).item()
-    out = np.zeros(len(samples))
-    for i, (gi, c) in enumerate(tqdm(samples, desc="static importance ground truth", disable=not progress,
-                                      mininterval=2.0)):
-        mask = torch.ones(ctx.graph.groups[gi].num_channels, device=dev)
-        mask[c] = 0.0
+    out = np.zeros(len(subsets))
+    for i, (gi, keep) in enumerate(tqdm(subsets, desc="static predictor: subset losses", disable=not progress,
+                                        mininterval=2.0)):
+        mask = torch.zeros(ctx.graph.groups[gi].num_channels, device=dev)
+        mask[torch.as_tensor(keep, device=dev)] = 1.0
         hooks = ctx.graph.mask_hooks(model, {gi: mask})
         try:
-            out[i] = F.cross_entropy(model(x), y).item() - base
+            out[i] = F.cross_entropy(model(x), y).item()
         finally:
             for h in hooks:
                 h.remove()
     return out
 
 
+def candidate_subsets(feats: np.ndarray, k: int, n: int, rng: np.random.Generator, noise: float = 0.15
+                      ) -> list[np.ndarray]:
+    """``n`` keep sets of ``k`` channels that a pruner could plausibly choose: the top k by a random convex mix of
+    the group's rank-normalized criteria (``feats``, one column each) plus Gaussian noise of ``noise``."""
+    out = []
+    for _ in range(n):
+        mix = feats @ rng.dirichlet(np.ones(feats.shape[1])) + rng.normal(0.0, noise, len(feats))
+        out.append(np.sort(np.argsort(-mix, kind="stable")[:k]))
+    return out
+
+
+def _pairs(cells: np.ndarray, losses: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(better, worse, weight) over the pairs of subsets in ``idx`` measured in the same (group, ratio) cell;
+    the weight is the loss gap relative to the mean gap (capped at 3), so near-ties count little."""
+    a, b = [], []
+    for cell in np.unique(cells[idx]):
+        members = idx[cells[idx] == cell]
+        for i in range(len(members)):
+            for j in range(i + 1, len(members)):
+                lo, hi = sorted((members[i], members[j]), key=lambda m: losses[m])
+                a.append(lo)
+                b.append(hi)
+    a, b = np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)
+    gap = losses[b] - losses[a]
+    return a, b, np.minimum(gap / max(gap.mean(), 1e-12), 3.0) if len(gap) else gap
+
+
+def _pair_accuracy(utility: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
+    """Share of the pairs (weighted by their loss gap) whose lower-loss subset has the higher ``utility``."""
+    a, b, w = pairs
+    return float(((utility[a] > utility[b]) * w).sum() / max(w.sum(), 1e-12))
+
+
+def _fit_ranker(rows: torch.Tensor, member: torch.Tensor, pairs, seed: int, steps: int = 400) -> StaticMLP:
+    """An MLP channel score f, so that a subset's utility mean(f over its channels) ranks the measured subsets
+    of each cell (RankNet's pairwise logistic loss, weighted by the loss gap)."""
+    torch.manual_seed(seed)
+    mlp = StaticMLP(rows.shape[1])
+    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3, weight_decay=1e-3)
+    a, b, w = (torch.from_numpy(v) for v in pairs)
+    w = w.float()
+    for _ in range(steps):
+        opt.zero_grad()
+        u = member @ mlp(rows)
+        # x10: keep sets of one cell share most channels, so their mean scores differ by little
+        (F.softplus(-(u[a] - u[b]) * 10.0) * w).sum().div(w.sum()).backward()
+        opt.step()
+    return mlp
+
+
 def train_static_predictor(
     ctx: ImportanceContext,
-    per_group: int = 8,
-    images: int = 256,
+    per_group: int = 4,
+    images: int = 128,
     seed: int = 0,
     progress: bool = True,
+    ratios: Sequence[float] = SUBSET_RATIOS,
 ) -> tuple[dict, dict]:
-    """Fit the static predictor. Returns (state to cache, quality report)."""
+    """Fit the static predictor to the job the env gives it: choosing which channels a group keeps at a ratio.
+
+    For every group and keep ratio in ``ratios``, ``per_group`` plausible keep sets (``candidate_subsets``) are
+    measured (``measure_subset_losses``, that group alone masked). An MLP over each channel's features (the
+    classic criteria, mean activation, depth, width) scores channels so that the mean score of a keep set ranks
+    the sets of the same group and ratio by their loss (``_fit_ranker``). Quality: on the (group, ratio) cells
+    held out (30%), the share of subset pairs it orders right, next to the same share for the sum of Taylor's and
+    of L1's ranks. Returns (state to cache, quality report)."""
+    if not (isinstance(per_group, int) and per_group >= 2):
+        raise ValueError(f"importance_samples (per_group)={per_group!r}: the static predictor ranks keep sets "
+                         "against each other, so it needs at least 2 per group and ratio")
+    t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     feats = channel_features(ctx)
     ctxf = _group_context(ctx.graph)
-    samples = []
+    subsets, cells = [], []
     for g in ctx.graph.groups:
-        k = min(per_group, g.num_channels)
-        samples += [(g.index, int(c)) for c in rng.choice(g.num_channels, k, replace=False)]
-    target = measure_mask_loss_increase(ctx, samples, images, progress)
-    rows = np.stack([np.concatenate([feats[g][c], ctxf[g]]) for g, c in samples]).astype(np.float32)
-    scale = float(np.abs(target).mean() + 1e-8)
-    yt = target / scale
-    # held-out channels for the quality report (30%), training on the rest
-    perm = rng.permutation(len(samples))
-    n_test = max(2, int(0.3 * len(samples)))
-    test_idx, train_idx = perm[:n_test], perm[n_test:]
-    torch.manual_seed(seed)
-    mlp = StaticMLP(rows.shape[1])
-    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3, weight_decay=1e-3)
-    xt, ytt = torch.from_numpy(rows[train_idx]), torch.from_numpy(yt[train_idx]).float()
-    for _ in range(600):
-        opt.zero_grad()
-        loss = F.smooth_l1_loss(mlp(xt), ytt)
-        loss.backward()
-        opt.step()
+        for r, ratio in enumerate(ratios):
+            k = min(g.num_channels, max(1, round(ratio * g.num_channels)))
+            for keep in candidate_subsets(feats[g.index], k, per_group, rng):
+                subsets.append((g.index, keep))
+                cells.append(g.index * len(ratios) + r)
+    cells = np.array(cells)
+    losses = measure_subset_losses(ctx, subsets, images, progress)
+    offsets = np.cumsum([0] + [g.num_channels for g in ctx.graph.groups])
+    rows = torch.from_numpy(np.concatenate([np.concatenate([feats[g.index], np.repeat(ctxf[g.index][None],
+                                                                                         g.num_channels, 0)], 1)
+                                            for g in ctx.graph.groups]).astype(np.float32))
+    member = torch.zeros(len(subsets), int(offsets[-1]))  # row i: 1/k on subset i's channels
+    for i, (gi, keep) in enumerate(subsets):
+        member[i, torch.from_numpy(offsets[gi] + keep)] = 1.0 / len(keep)
+    # quality on held-out (group, ratio) cells, then the predictor used is refit on every cell
+    ids = rng.permutation(np.unique(cells))
+    held = np.isin(cells, ids[: max(1, int(0.3 * len(ids)))])
+    train_pairs = _pairs(cells, losses, np.flatnonzero(~held))
+    test_pairs = _pairs(cells, losses, np.flatnonzero(held))
+    mlp = _fit_ranker(rows, member, train_pairs, seed)
     with torch.no_grad():
-        pred = mlp(torch.from_numpy(rows)).numpy()
-    rho = float(spearmanr(pred[test_idx], target[test_idx]).statistic)
-    l1_rank = np.array([feats[g][c][0] for g, c in samples])
-    rho_l1 = float(spearmanr(l1_rank[test_idx], target[test_idx]).statistic)
-    report = {"static_spearman_heldout": rho, "l1_spearman_heldout": rho_l1, "channels_measured": len(samples),
-              "heldout_channels": int(n_test)}
-    # refit on all measured channels for use
-    xa, ya = torch.from_numpy(rows), torch.from_numpy(yt).float()
-    mlp = StaticMLP(rows.shape[1])
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3, weight_decay=1e-3)
-    for _ in range(600):
-        opt.zero_grad()
-        F.smooth_l1_loss(mlp(xa), ya).backward()
-        opt.step()
+        pred = (member @ mlp(rows)).numpy()
+    classic = {name: member.numpy() @ np.concatenate([f[:, FEATURES.index(name)] for f in feats])
+               for name in ("taylor", "l1")}
+    report = {"static_pair_accuracy_heldout": _pair_accuracy(pred, test_pairs),
+              "taylor_pair_accuracy_heldout": _pair_accuracy(classic["taylor"], test_pairs),
+              "l1_pair_accuracy_heldout": _pair_accuracy(classic["l1"], test_pairs),
+              "subsets_measured": len(subsets), "heldout_pairs": len(test_pairs[0])}
+    mlp = _fit_ranker(rows, member, _pairs(cells, losses, np.arange(len(subsets))), seed)
     with torch.no_grad():
-        scores = [mlp(torch.from_numpy(np.concatenate([feats[g.index], np.repeat(ctxf[g.index][None], g.num_channels, 0)],
-                                                       1))).numpy() * scale for g in ctx.graph.groups]
-    state = {"mlp": mlp.state_dict(), "scale": torch.tensor(scale),
-             "scores": [torch.from_numpy(s.astype(np.float32)) for s in scores]}
+        flat = F.softplus(mlp(rows)).numpy()  # positive, as the observation's score summaries expect
+    scores = [flat[offsets[g.index]:offsets[g.index + 1]] for g in ctx.graph.groups]
+    report["static_train_seconds"] = time.perf_counter() - t0
+    state = {"mlp": mlp.state_dict(), "scores": [torch.from_numpy(s.astype(np.float32)) for s in scores]}
     return state, report
 
 
@@ -388,12 +453,29 @@ def _structure_key(graph: GroupGraph) -> str:
     return h.hexdigest()[:10]
 
 
-class ImportancePredictors:
-    """Static scores and runtime gates for one checkpoint, trained once and cached."""
+def _cached(path: Path | None, build, what: str) -> dict:
+    """The tensors blob saved at ``path``, else ``build()``'s, saved there (``None``: not cached)."""
+    if path is not None and path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
+            print(f"rebuilding the unreadable {what} cache {path}: {exc}", file=sys.stderr)
+    blob = build()
+    if path is not None:
+        atomic_save(blob, path)
+    return blob
 
-    def __init__(self, static_scores: list[np.ndarray], gates: dict, report: dict):
-        self.static_scores = static_scores
-        self.gates = gates  # "gate{i}.weight" (C_out, C_in), "gate{i}.bias" (C_out,)
+
+def _as_blob(state: dict, report: dict) -> dict:
+    return {**state, "report": {k: torch.tensor(float(v)) for k, v in report.items()}}
+
+
+class ImportancePredictors:
+    """The static predictor's scores and the runtime gates of one checkpoint, each trained once and cached."""
+
+    def __init__(self, static_scores: list[np.ndarray] | None, gates: dict, report: dict):
+        self.static_scores = static_scores  # None when the static predictor was not asked for
+        self.gates = gates  # "gate{i}.weight" (C_out, C_in), "gate{i}.bias" (C_out,); empty when not asked for
         self.report = report
 
     def has_gate(self, i: int) -> bool:
@@ -401,29 +483,28 @@ class ImportancePredictors:
 
     @classmethod
     def load_or_train(
-        cls, ctx: ImportanceContext, cache_path: Path | None, progress: bool = True, per_group: int = 8,
-        images: int = 256, seed: int = 0,
+        cls, ctx: ImportanceContext, cache_path: Path | None, progress: bool = True, per_group: int = 4,
+        images: int = 128, seed: int = 0, static: bool = True, runtime: bool = True,
     ) -> "ImportancePredictors":
-        """The cached predictors of ``cache_path`` (a checkpoint), else trained (``seed``: which channels are
-        measured and the MLP's initialisation) and cached."""
-        key = _structure_key(ctx.graph) + (f"-s{seed}" if seed else "")  # seed 0 keeps the caches of before
-        path = None if cache_path is None else Path(f"{cache_path}.importance-{key}-{per_group}-{images}.pt")
-        if path is not None and path.exists():
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                scores = [s.numpy() for s in blob["static"]["scores"]]
-                report = {k: float(v) for k, v in blob["report"].items()}
-                return cls(scores, blob["gates"], report)
-            except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
-                print(f"rebuilding unreadable importance cache {path}: {exc}", file=sys.stderr)
-        static, rep_s = train_static_predictor(ctx, per_group=per_group, images=images, seed=seed,
-                                               progress=progress)
-        gates, rep_r = fit_runtime_predictor(ctx, progress=progress)
-        report = {**rep_s, **rep_r}
-        if path is not None:
-            atomic_save({"static": static, "gates": gates,
-                         "report": {k: torch.tensor(float(v)) for k, v in report.items()}}, path)
-        return cls([s.numpy() for s in static["scores"]], gates, report)
+        """The static predictor (when ``static``) and the runtime gates (when ``runtime``) of the checkpoint
+        ``cache_path``: each loaded from its own cache file next to it, else trained and cached there (None: not
+        cached). ``seed`` picks the keep sets the static predictor measures and its MLP's initialisation."""
+        key = _structure_key(ctx.graph)
+        stem = None if cache_path is None else str(cache_path)
+        scores, gates, report = None, {}, {}
+        if static:
+            path = None if stem is None else Path(f"{stem}.static-predictor-{key}-{per_group}-{images}-s{seed}.pt")
+            blob = _cached(path, lambda: _as_blob(*train_static_predictor(
+                ctx, per_group=per_group, images=images, seed=seed, progress=progress)), "static predictor")
+            scores = [t.numpy() for t in blob["scores"]]
+            report.update({k: float(v) for k, v in blob["report"].items()})
+        if runtime:
+            path = None if stem is None else Path(f"{stem}.runtime-gates-{key}.pt")
+            blob = _cached(path, lambda: (lambda g, rep: _as_blob({"gates": g}, rep))(*fit_runtime_predictor(
+                ctx, progress=progress)), "runtime gates")
+            gates = blob["gates"]
+            report.update({k: float(v) for k, v in blob["report"].items()})
+        return cls(scores, gates, report)
 
 
 class LearnedScorer:
@@ -435,6 +516,8 @@ class LearnedScorer:
         self.predictors = predictors
 
     def scores(self, ctx: ImportanceContext) -> list[np.ndarray]:
+        if self.predictors.static_scores is None:
+            raise ValueError("scorer='learned' needs predictors loaded with static=True")
         return self.predictors.static_scores
 
 

@@ -50,7 +50,7 @@ def group_features(problem) -> np.ndarray:
         feats[i, 9] = sum(producer_macs[i + 1:]) / total
         feats[i, 12:17] = np.quantile(s / (np.abs(s).max() + 1e-12), [0.1, 0.25, 0.5, 0.75, 0.9])
         feats[i, 17] = top[: max(1, len(top) // 4)].sum() / (top.sum() + 1e-12)
-    if problem.predictors is not None:
+    if problem.predictors is not None and problem.predictors.gates:
         feats[:, 18:21] = runtime_summaries(problem.predictors, model, graph, problem.data.calib.x[:128])
     feats[:, 21] = np.array(problem.gated, dtype=float)
     feats[:, BUDGET] = problem.cost.budget

@@ -100,7 +100,7 @@ class PruningProblem:
         train_if_missing: bool = True,
         pretrain_epochs: int | None = None,
         pretrain_max_train: int | None = None,
-        importance_samples: int = 8,
+        importance_samples: int = 4,
         eval_batch_size: int = 250,
         eval_precision: str = "auto",
         device: str = "auto",
@@ -143,8 +143,9 @@ class PruningProblem:
         ctx = ImportanceContext(self.base_model, self.graph, self.data.calib, self.data.train, device=self.device)
         self.predictors: ImportancePredictors | None = None
         if scorer == "learned" or mode == "runtime":
-            self.predictors = ImportancePredictors.load_or_train(ctx, self.checkpoint_file, progress=progress,
-                                                                 per_group=importance_samples)
+            self.predictors = ImportancePredictors.load_or_train(
+                ctx, self.checkpoint_file, progress=progress, per_group=importance_samples,
+                static=scorer == "learned", runtime=mode == "runtime")
         self.scorer = make_scorer(scorer, self.predictors) if isinstance(scorer, str) else scorer
         self.static_scores = [np.asarray(s, dtype=np.float64) for s in self.scorer.scores(ctx)]
         for g, s in zip(self.groups, self.static_scores):

@@ -136,7 +136,7 @@ def train_steps(
             if after_step is not None:
                 with torch.no_grad():
                     after_step(model)
-            if progress and i % log_every == 0:
+            if progress and (i % log_every == 0 or i == steps - 1):  # a short run shows its last loss too
                 loss_value = loss.item()
                 bar.set_postfix(loss=f"{loss_value:.3f}", total=f"{total.item():.3f}")
     if steps:

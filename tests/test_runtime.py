@@ -234,14 +234,16 @@ def test_scorer_object_is_pluggable(make_env):
 
 def test_predictors_are_cached_per_checkpoint(make_env, tiny_setup, monkeypatch):
     ckpt = Path(tiny_setup[0])
-    assert list(ckpt.parent.glob(ckpt.name + ".importance-*.pt"))  # written when the fixture built the env
+    make_env(mode="runtime", scorer="learned")  # trains them unless an earlier test did
+    assert list(ckpt.parent.glob(ckpt.name + ".static-predictor-*.pt"))
+    assert list(ckpt.parent.glob(ckpt.name + ".runtime-gates-*.pt"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("the importance predictors were retrained instead of loaded from the cache")
 
     monkeypatch.setattr(importance, "train_static_predictor", refuse)
     monkeypatch.setattr(importance, "fit_runtime_predictor", refuse)
-    env = make_env(mode="runtime")
+    env = make_env(mode="runtime", scorer="learned")
     assert env.predictors is not None and sum(env.gated) == 9
 
 
@@ -257,8 +259,12 @@ def test_predictors_trained_once_for_a_new_checkpoint(tiny_setup, tmp_path, monk
     monkeypatch.setattr(importance, "train_static_predictor", lambda *a, **k: calls.append(1) or real(*a, **k))
     kwargs = dict(model="resnet20", width=0.5, checkpoint=str(ckpt), data=data, importance_samples=2,
                   progress=False, mode="runtime")
+    gates_only = ChannelPruneEnv(**kwargs)  # the default scorer needs no static predictor: none is trained
+    assert not calls and gates_only.predictors.static_scores is None and gates_only.predictors.gates
+    assert not list(tmp_path.glob("copy.pt.static-predictor-*.pt"))
+    kwargs["scorer"] = "learned"
     first = ChannelPruneEnv(**kwargs)
-    assert len(calls) == 1 and list(tmp_path.glob("copy.pt.importance-*.pt"))
+    assert len(calls) == 1 and list(tmp_path.glob("copy.pt.static-predictor-*.pt"))
     second = ChannelPruneEnv(**kwargs)
     assert len(calls) == 1
     for a, b in zip(first.static_scores, second.static_scores):
@@ -269,12 +275,12 @@ def test_predictors_trained_once_for_a_new_checkpoint(tiny_setup, tmp_path, monk
 
 
 def test_predictor_quality_report(make_env):
-    env = make_env(mode="runtime")
+    env = make_env(mode="runtime", scorer="learned")
     rep = env.predictors.report
-    for key in ("static_spearman_heldout", "l1_spearman_heldout", "runtime_spearman_per_input",
-                "runtime_spearman_static_ranking", "gated_groups"):
+    for key in ("static_pair_accuracy_heldout", "taylor_pair_accuracy_heldout", "l1_pair_accuracy_heldout",
+                "runtime_spearman_per_input", "runtime_spearman_static_ranking", "gated_groups"):
         assert key in rep and np.isfinite(rep[key]), key
-    assert -1 <= rep["static_spearman_heldout"] <= 1
+    assert 0 <= rep["static_pair_accuracy_heldout"] <= 1
     assert rep["gated_groups"] == sum(env.gated)
     # the runtime gate ranks each input's channels better than one dataset-wide ranking can
     assert rep["runtime_spearman_per_input"] > rep["runtime_spearman_static_ranking"] + 0.2

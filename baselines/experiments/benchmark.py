@@ -81,23 +81,26 @@ def _latency_devices(env, latency: str) -> tuple[bool, bool]:
     return latency in ("cpu", "both") or (latency == "device" and not gpu), gpu and latency in ("device", "both")
 
 
-def plan_latency(env, static, latency: str = "device") -> dict:
-    """Batch-64 latency of the exported net ``static`` vs the unpruned net, the two alternately, where
-    ``latency`` says: on the benchmark's device ("device"), on the CPU ("cpu") or both ("both")."""
+def plan_latency(env, static, latency: str = "device", rounds: int = 3) -> dict:
+    """Batch-64 latency of the exported net ``static`` vs the unpruned net, the two alternately, the best of
+    ``rounds`` rounds each, where ``latency`` says: on the benchmark's device ("device"), on the CPU ("cpu") or
+    both ("both")."""
     shape = tuple(env.problem.example_input.shape[1:])
     on_cpu, on_gpu = _latency_devices(env, latency)
     out = {}
     if on_cpu:
-        lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device="cpu")
+        lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, rounds=rounds,
+                                         device="cpu")
         out.update(latency_b64_ms=1000 * lat, speedup_b64=base_lat / lat)
     if on_gpu:
-        lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, device=env.device)
+        lat, base_lat = compare_latency(static, env.base_model, shape, batch_size=LATENCY_BATCH, rounds=rounds,
+                                         device=env.device)
         out.update(latency_b64_ms_device=1000 * lat, speedup_b64_device=base_lat / lat)
     return out
 
 
-def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: int = 0, latency: str = "device"
-                  ) -> dict:
+def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: int = 0, latency: str = "device",
+                  latency_rounds: int = 3) -> dict:
     """Test accuracy of the pruned net of ``info`` before and after the common fine-tune (on ``env.device``, data
     order from ``seed``); exported latency (``plan_latency``). Nothing here chooses anything."""
     from envs.finetune import finetune
@@ -114,7 +117,7 @@ def evaluate_plan(env, info: dict, finetune_steps: int, progress: bool, seed: in
     test_acc = env.evaluate(net, "test")[0] if finetune_steps > 0 else test_before  # unchanged net: not again
     static = env.graph.prune_copy(env.kept_channels(kept))  # exported net: static pruning only
     return {"test_acc_before_ft": test_before, "test_acc": test_acc, "finetune_seconds": ft_s,
-            **plan_latency(env, static, latency)}
+            **plan_latency(env, static, latency, latency_rounds)}
 
 
 def own_network_row(method: str, budget: float, env, net, measure, finetune_steps: int, progress: bool,
@@ -178,7 +181,8 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
                 run_env = run_env.derive(screen_size=None)
             info = run_episode(run_env, policy, seed=0)[1]
             row = _row_from_info(method, cell.kind, cell.budget, info)
-            row.update(evaluate_plan(run_env, info, job.finetune_steps, job.progress, cell.seed, job.latency))
+            row.update(evaluate_plan(run_env, info, job.finetune_steps, job.progress, cell.seed, job.latency,
+                                     job.latency_rounds))
             row.update(status="ok", seed=cell.seed, search_seconds=search_s, evaluations=evaluations)
             rows.append({**row, **where})
     except Exception as exc:  # noqa: BLE001 - one method's crash must not lose the others' rows
@@ -203,6 +207,7 @@ def benchmark(
     device: str | None = None,
     latency: str = "device",
     ray_address: str | None = None,
+    latency_rounds: int = 3,
 ) -> list[dict]:
     """Run the benchmark (see the module docstring); returns the rows of ``out/results.csv``.
 
@@ -211,7 +216,8 @@ def benchmark(
     ``device``: "auto", "cpu", "cuda" or "cuda:N" for the env, the baselines, the agents' envs and the common
     fine-tune; None takes ``env_kwargs["device"]``, else "auto". Giving both, differently, is a ValueError.
     ``latency``: where the exported nets are timed: "device" (where the benchmark runs), "cpu", "both" or "none"
-    (time them later with ``retime``).
+    (time them later with ``retime``); ``latency_rounds``: each exported net and the unpruned one are timed
+    alternately this many times, the best of each kept (fewer: quicker, noisier).
     ``ray_address``: run the cells as Ray tasks ("local": a Ray started here; else a cluster's address), see
     ``ray_grid``; the rows are those of the serial run, appended as they finish.
     """
@@ -225,6 +231,8 @@ def benchmark(
     resolve_device(env_kwargs["device"])  # a clear ValueError before anything is built or written
     if latency not in LATENCY:
         raise ValueError(f"latency={latency!r} is not allowed; allowed: {', '.join(LATENCY)}")
+    if not (isinstance(latency_rounds, int) and latency_rounds >= 1):
+        raise ValueError(f"latency_rounds={latency_rounds!r} must be an integer >= 1")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds!r} must be distinct integers, at least one")
@@ -249,7 +257,8 @@ def benchmark(
     if ("unpruned", 1.0, 0) not in done:
         append_row(csv_path, {**unpruned_row(first, latency), **machines(first.device),
                                "test_images": len(first.data.test)})
-    job = Job(env_id, env_kwargs, episodes, finetune_steps, str(out), agent_runs, progress, latency)
+    job = Job(env_id, env_kwargs, episodes, finetune_steps, str(out), agent_runs, progress, latency,
+              latency_rounds)
     if ray_address is not None:
         from .ray_grid import run_cells_on_ray
 
@@ -685,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
                         "must be on a path every node sees)")
     p.add_argument("--latency", choices=LATENCY, default="device",
                    help="time the exported nets on the benchmark's device (default), on the CPU, or both")
+    p.add_argument("--latency-rounds", type=int, default=3, metavar="N",
+                   help="time each exported net and the unpruned one alternately N times, keep the best of each")
     p.add_argument("--fidelity", type=int, default=0, metavar="K",
                    help="also score K random plans on the reward split and fine-tune them: Spearman correlation "
                         "with their test accuracy after the fine-tune (fidelity.json, fidelity.csv; first budget)")
@@ -711,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(exc))
         print((Path(args.out) / "results.md").read_text())
         return 0
+    if args.latency_rounds < 1:
+        p.error(f"--latency-rounds {args.latency_rounds} must be >= 1")
     names = available() if args.baselines == ["all"] else args.baselines
     unknown = [n for n in names if n not in available()]
     if unknown:
@@ -732,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     rows = benchmark(args.env, args.budgets, names, args.agents, args.episodes, args.finetune_steps,
                      Path(args.out), env_kwargs, runs, args.seeds, device=args.device, latency=args.latency,
-                     ray_address=args.ray)
+                     ray_address=args.ray, latency_rounds=args.latency_rounds)
     if args.fidelity:
         env = gym.make(args.env, budget=args.budgets[0], **{**env_kwargs, "device": args.device or
                                                             env_kwargs.get("device", "auto")}).unwrapped

@@ -17,12 +17,15 @@ else CPU; ``cpu``; ``cuda``; ``cuda:N``), ``DEMO_BASELINES`` (space-separated, d
 =========================  ===========  ============================================================
 variable                   GPU / CPU    what
 =========================  ===========  ============================================================
-``DEMO_EPISODES``          30 / 16      agent episodes, and random search's evaluations
-``DEMO_FINETUNE_STEPS``    60 / 20      steps of the common fine-tune
-``DEMO_TEST_SIZE``         all / 2000   test images per evaluation (the table says how many)
+``DEMO_EPISODES``          30 / 12      agent episodes, and random search's evaluations
+``DEMO_FINETUNE_STEPS``    60 / 10      steps of the common fine-tune
+``DEMO_TEST_SIZE``         all / 1000   test images per evaluation (the table says how many)
 ``DEMO_SCREEN_SIZE``       none / 500   the agent's and random search's plans are raced: scored on the
                                         first 500 reward images, in full only when they can still win
                                         (``envs.screening``; the table's rows are scored in full)
+``DEMO_LATENCY_ROUNDS``    3 / 1        rounds of timing each exported net against the unpruned one
+                                        (``benchmark``'s ``latency_rounds``; 3 takes ~25 s more per row
+                                        on a 2-core CPU)
 =========================  ===========  ============================================================
 
 On a 2-core CPU the GPU's sizes take over an hour (two 10,000-image test evaluations and a 60-step fine-tune per
@@ -42,8 +45,10 @@ from pathlib import Path
 import gymnasium as gym
 
 
-PROFILES = {"cuda": {"episodes": "30", "finetune_steps": "60", "test_size": "all", "screen_size": "none"},
-            "cpu": {"episodes": "16", "finetune_steps": "20", "test_size": "2000", "screen_size": "500"}}
+PROFILES = {"cuda": {"episodes": "30", "finetune_steps": "60", "test_size": "all", "screen_size": "none",
+                     "latency_rounds": "3"},
+            "cpu": {"episodes": "12", "finetune_steps": "10", "test_size": "1000", "screen_size": "500",
+                    "latency_rounds": "1"}}
 
 
 def main() -> int:
@@ -85,12 +90,13 @@ def main() -> int:
 
     names = os.environ.get("DEMO_BASELINES", "").split() or available()
     rows = benchmark("ChannelPrune-ResNet18-v0", [0.5], names, agents, episodes, ft_steps, out, env_kwargs,
-                     device=device)
+                     device=device, latency_rounds=int(size["latency_rounds"]))
     stages["3_benchmark_s"] = time.perf_counter() - t2
     stages["total_s"] = time.perf_counter() - t0
     (out / "stages.json").write_text(json.dumps({**stages, "test_accuracy_unpruned": meta["test_accuracy"],
                                                 "agent_episodes": episodes, "finetune_steps": ft_steps,
                                                 "test_images": test_size, "screen_size": size["screen_size"],
+                                                "latency_rounds": int(size["latency_rounds"]),
                                                 "device": device, "machine": machine}, indent=2))
     print((out / "results.md").read_text())
     print("[demo] stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()))

@@ -65,6 +65,7 @@ class Job:
     agent_runs: dict
     progress: bool
     latency: str
+    latency_rounds: int = 3
 
 
 def error_row(cell: Cell, method: str, error: str, seconds: float = 0.0, where: dict | None = None) -> dict:
