@@ -467,7 +467,13 @@ def _cached(path: Path | None, build, what: str) -> dict:
 
 
 def _as_blob(state: dict, report: dict) -> dict:
+    """What a cache file holds: the tensors of ``state`` and the quality report, as tensors (``weights_only``)."""
     return {**state, "report": {k: torch.tensor(float(v)) for k, v in report.items()}}
+
+
+def _named_gates(fitted: tuple[dict, dict]) -> tuple[dict, dict]:
+    gates, report = fitted
+    return {"gates": gates}, report
 
 
 class ImportancePredictors:
@@ -500,8 +506,8 @@ class ImportancePredictors:
             report.update({k: float(v) for k, v in blob["report"].items()})
         if runtime:
             path = None if stem is None else Path(f"{stem}.runtime-gates-{key}.pt")
-            blob = _cached(path, lambda: (lambda g, rep: _as_blob({"gates": g}, rep))(*fit_runtime_predictor(
-                ctx, progress=progress)), "runtime gates")
+            blob = _cached(path, lambda: _as_blob(*_named_gates(fit_runtime_predictor(ctx, progress=progress))),
+                           "runtime gates")
             gates = blob["gates"]
             report.update({k: float(v) for k, v in blob["report"].items()})
         return cls(scores, gates, report)

@@ -168,6 +168,10 @@ def test_device_conflicts_and_missing_gpus_are_clear_errors(tmp_path):
         bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform"], [], episodes=1, finetune_steps=0,
                      out=tmp_path / "e", device="cpu", latency="gpu")
     assert not (tmp_path / "e").exists()  # checked before anything is built or written
+    with pytest.raises(ValueError, match="latency_rounds=0"):
+        bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform"], [], episodes=1, finetune_steps=0,
+                     out=tmp_path / "f", device="cpu", latency_rounds=0)
+    assert not (tmp_path / "f").exists()
     if torch.cuda.is_available():
         return
     with pytest.raises(ValueError, match="no CUDA GPU"):
@@ -176,6 +180,20 @@ def test_device_conflicts_and_missing_gpus_are_clear_errors(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing written
     with pytest.raises(SystemExit):
         bm.main(["--baselines", "uniform", "--device", "cuda", "--out", str(tmp_path / "d")])
+
+
+def test_latency_rounds_reach_the_timing_of_every_exported_net(tiny_gym_kwargs, tmp_path, monkeypatch):
+    rounds = []
+    real = bm.compare_latency
+
+    def spy(*args, **kwargs):
+        rounds.append(kwargs["rounds"])
+        return real(*args, **{**kwargs, "repeats": 1})
+
+    monkeypatch.setattr(bm, "compare_latency", spy)
+    rows = bm.benchmark("ChannelPrune-ResNet20-v0", [0.6], ["uniform", "l1"], [], episodes=1, finetune_steps=0,
+                        out=tmp_path, env_kwargs=tiny_gym_kwargs, progress=False, device="cpu", latency_rounds=2)
+    assert rounds == [2, 2] and all(float(r["speedup_b64"]) > 0 for r in rows)
 
 
 def test_intervals_and_comparisons_over_seeds():

@@ -122,11 +122,10 @@ def test_env_checkers_pass_without_warnings(tiny_gym_kwargs, mode):
     "ChannelPrune-MobileNetV2-v0",
 ])
 def test_every_registered_id_passes_checkers(tiny_setup, env_id):
-    # A width-0.25 checkpoint trained for one epoch on 512 images (seconds), cut-down splits, 2 channels per group
-    # for the static predictor: the checks are about the API, not the accuracy.
+    # A width-0.25 checkpoint trained for one epoch on 512 images (seconds) and cut-down splits: the checks are
+    # about the API, not the accuracy.
     data = small_splits(tiny_setup[1])
-    kwargs = dict(width=0.25, pretrain_epochs=1, pretrain_max_train=512, data=data, importance_samples=2,
-                  progress=False)
+    kwargs = dict(width=0.25, pretrain_epochs=1, pretrain_max_train=512, data=data, progress=False)
     for mode in ("static", "runtime"):
         env, caught = run_checkers(lambda mode=mode: gym.make(env_id, mode=mode, **kwargs))
         assert caught == []
