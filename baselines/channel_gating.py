@@ -31,11 +31,11 @@ saves MACs in the gated conv itself. The env's runtime mode (Chen et al. 2020, F
 those channels' inputs in the consumer conv. So ``channel_gating_topk`` (an env policy, ``plan()``) transfers
 CG's per-layer allocation only: its runtime ratio for a gated group is CG's measured computed fraction of the
 producer's MACs, ``(C_base + (C_in - C_base) * open fraction) / C_in`` on the calibration split, and the env then
-executes that ratio with its own top-k gates. CG itself is measured by ``evaluate_channel_gating``; the ``channel_gating`` row of
-the benchmark is that real gated net (``ChannelGatingNet.own_network()``: every conv but the first gated, the
-shared ``delta`` fitted to the env's budget, its own MAC count), fine-tuned like every method. If gating
-alone cannot meet the env's budget (``delta`` capped at ``max_delta``), the static keep ratios are scaled down
-uniformly until the plan fits.
+executes that ratio with its own top-k gates. CG itself is measured by ``evaluate_channel_gating``; the
+``channel_gating`` row of the benchmark is that real gated net (``ChannelGatingNet.own_network()``: every conv but
+the first gated, the shared ``delta`` fitted to the env's budget, its own MAC count), fine-tuned like every method.
+If gating alone cannot meet the env's budget (``delta`` capped at ``max_delta``), the static keep ratios are scaled
+down uniformly until the plan fits.
 
 Deviations: nothing is trained (the paper trains the network jointly with the gates and their thresholds), so
 accuracy falls faster with the gated-off fraction than in the paper. The base path is the paper's first

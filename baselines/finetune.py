@@ -4,8 +4,9 @@ Methods that change the network before pruning (Polarization's regularizer, gRDA
 ``finetune`` trains a deep copy of ``env.base_model`` (the base model is never touched) for a fixed number of
 steps on ``env.data.train`` (never on the reward, calibration or test splits), with seeded batch sampling, an
 optional extra penalty on the loss, an optional projection after every step, and optimizers of the method's
-choice. ``cached_finetune`` stores the resulting state dict next to ``env.problem.checkpoint_file`` (keyed by method and
-hyperparameters; loaded with ``weights_only=True``) or, for an env built on an in-memory model, in memory.
+choice. ``cached_finetune`` stores the resulting state dict next to ``env.problem.checkpoint_file`` (keyed by
+method and hyperparameters; loaded with ``weights_only=True``) or, for an env built on an in-memory model, in
+memory.
 
 Deviation shared by every method using it: no data augmentation (a few hundred steps from a converged network).
 """

@@ -1,4 +1,5 @@
-"""L1-norm filter pruning (Li, Kadav, Durdanovic, Samet, Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017).
+"""L1-norm filter pruning (Li, Kadav, Durdanovic, Samet, Graf, "Pruning Filters for Efficient ConvNets",
+ICLR 2017).
 
 Uniform keep ratios (the paper prunes a fixed fraction per layer), removing the filters with the smallest sum of
 absolute weights; for a coupled group the L1 norms of all its producer filters are summed (each normalized by its

@@ -80,8 +80,8 @@ def polarize(
     check_positive("a", a)
     check_positive("lr", lr)
     if not bn_modules(env.base_model):
-        raise ValueError(f"polarization regularizes BatchNorm scales; model {env.problem.model_name!r} has no BatchNorm "
-                         "layer with affine weights")
+        raise ValueError(f"polarization regularizes BatchNorm scales; model {env.problem.model_name!r} has no "
+                         "BatchNorm layer with affine weights")
     progress = env_progress(env) if progress is None else progress
 
     def clamp(model: nn.Module) -> None:

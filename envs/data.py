@@ -107,7 +107,8 @@ def _fashion_mnist_root(data_dir: str | os.PathLike | None) -> Path:
         raise DatasetMissingError(
             f"Fashion-MNIST directory {str(src)!r} does not exist (data_dir={data_dir!r}, "
             f"${FASHION_MNIST_ENV}={os.environ.get(FASHION_MNIST_ENV)!r}). Fix: `sudo apt-get install -y "
-            f"dataset-fashion-mnist` (or `make setup`), or pass data_dir= a directory holding {_FMNIST_FILES[0]}.gz"
+            f"dataset-fashion-mnist` (or `make setup`), or pass data_dir= a directory holding "
+            f"{_FMNIST_FILES[0]}.gz"
         )
     root = cache_dir() / "data" / ("fashion-mnist-" + hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8])
     raw = root / "FashionMNIST" / "raw"
@@ -150,7 +151,9 @@ def _load_raw(name: str, data_dir, image_size: int | None, max_images: int | Non
         return tr.data.unsqueeze(1), tr.targets.long(), te.data.unsqueeze(1), te.targets.long(), 10
     if name == "cifar10":
         if data_dir is None:
-            raise ValueError("dataset='cifar10' needs data_dir=<directory holding cifar-10-batches-py>; it is never downloaded")
+            raise ValueError(
+                "dataset='cifar10' needs data_dir=<directory holding cifar-10-batches-py>; it is never downloaded"
+            )
         path = Path(data_dir)
         if not (path / "cifar-10-batches-py").is_dir():
             raise DatasetMissingError(
@@ -230,13 +233,16 @@ def load_dataset(
         raise ValueError(f"calib_size={calib_size!r} must be in [1, {HOLDOUT - REWARD_MAX}]")
     if test_size is not None and not (isinstance(test_size, int) and test_size >= 1):
         raise ValueError(f"test_size={test_size!r} must be None (the whole test split) or a positive integer")
-    key = (name, str(data_dir), int(reward_size), int(calib_size), int(split_seed), test_size, image_size, max_images)
+    key = (name, str(data_dir), int(reward_size), int(calib_size), int(split_seed), test_size, image_size,
+           max_images)
     if key in _CACHE:
         return _CACHE[key]
     trx, try_, tex, tey, num_classes = _load_raw(name, data_dir, image_size, max_images)
     if trx.shape[0] <= HOLDOUT:
         raise ValueError(f"dataset {name!r} has {trx.shape[0]} training images; need more than {HOLDOUT}")
-    mean, std = _STATS[name] if trx.shape[1] == len(_STATS[name][0]) else ((0.5,) * trx.shape[1], (0.25,) * trx.shape[1])
+    mean, std = (
+        _STATS[name] if trx.shape[1] == len(_STATS[name][0]) else ((0.5,) * trx.shape[1], (0.25,) * trx.shape[1])
+    )
     perm = np.random.default_rng(split_seed).permutation(trx.shape[0])
     idx_reward = perm[:reward_size]
     idx_calib = perm[REWARD_MAX : REWARD_MAX + calib_size]

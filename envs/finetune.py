@@ -19,8 +19,9 @@ mix statistics of weights that no longer exist. The model keeps that momentum af
 
 The model is trained **in place** (on ``device``; handed back on the device it came on) and returned in eval
 mode; pass a copy to keep the original. Gated (runtime-mode) models work unchanged: the gates are forward hooks
-or wrapper modules whose gate weights are plain tensors, so only the network's own parameters are trained. Runs are deterministic for a seed (the global torch RNG is
-forked, so the caller's random state is untouched; dropout draws from the seeded fork).
+or wrapper modules whose gate weights are plain tensors, so only the network's own parameters are trained. Runs are
+deterministic for a seed (the global torch RNG is forked, so the caller's random state is untouched; dropout draws
+from the seeded fork).
 """
 
 from __future__ import annotations

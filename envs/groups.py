@@ -631,6 +631,7 @@ def _own_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 
 def keep_count(ratio: float, channels: int, round_to: int = 1, min_channels: int = 1) -> int:
-    """Number of channels kept for a keep ratio: rounded to a multiple of ``round_to``, at least ``min_channels``."""
+    """Number of channels kept for a keep ratio: rounded to a multiple of ``round_to``, at least
+    ``min_channels``."""
     k = int(math.floor(ratio * channels / round_to + 0.5)) * round_to
     return int(min(channels, max(min_channels, round_to, k)))

@@ -65,7 +65,9 @@ def checkpoint_key(model: str, dataset: str, width: float, split_seed: int, reci
     return f"{safe}-{dataset}-w{width:g}-s{split_seed}-{recipe.key()}"
 
 
-def checkpoint_path(model: str, dataset: str, width: float = 1.0, split_seed: int = 0, recipe: Recipe = Recipe()) -> Path:
+def checkpoint_path(
+    model: str, dataset: str, width: float = 1.0, split_seed: int = 0, recipe: Recipe = Recipe()
+) -> Path:
     return cache_dir() / "checkpoints" / f"{checkpoint_key(model, dataset, width, split_seed, recipe)}.pt"
 
 
@@ -112,7 +114,8 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 250, precision: s
 def _versions() -> dict:
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
 
 
 def train(
@@ -336,7 +339,8 @@ def get_pretrained(
                                   f"{meta.get('data_fingerprint')} != {data.fingerprint}); delete it and retrain")
         return model, meta
     if not train_if_missing:
-        raise CheckpointError(f"no cached checkpoint for {model_name} on {dataset} at {str(path)!r}; create it with "
+        raise CheckpointError(f"no cached checkpoint for {model_name} on {dataset} at {str(path)!r}; "
+                              "create it with "
                               f"`{pretrain_command(model_name, dataset, width, data_dir, recipe, split_seed)}`")
     print(f"training {model_name} on {dataset} (cached at {path}) ...", file=sys.stderr)
     model, meta = train(model_name, data, width, recipe, path, progress, device)

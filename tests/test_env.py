@@ -519,7 +519,8 @@ def test_derive_keeps_settings_and_swaps_the_model(make_env):
 
 @pytest.mark.skipif(not backend("cpu").bf16, reason="no fast, safe bf16 on this CPU")
 def test_bf16_evaluation_tracks_fp32_and_leaves_the_model_contiguous(make_env):
-    """The default evaluator (channels-last, bf16 autocast) ranks like exact fp32 and hands the model back as given."""
+    """The default evaluator (channels-last, bf16 autocast) ranks like exact fp32 and hands the model back as
+    given."""
     fast, exact = make_env(eval_precision="auto"), make_env(eval_precision="fp32")
     assert fast.problem.eval_precision == "bf16" and exact.problem.eval_precision == "fp32"
     for ratio in (1.0, 0.6, 0.3):

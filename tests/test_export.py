@@ -167,8 +167,8 @@ def test_cli_policy_builds_env_from_id(tiny_setup, tmp_path, capsys):
 
 def test_cli_device_errors(tiny_setup, tmp_path, capsys):
     ckpt, _ = tiny_setup
-    args = ["--baseline", "uniform", "--env", "ChannelPrune-ResNet20-v0", "--out", str(tmp_path / "m"), "--no-test",
-            "--no-onnx", "--latency-repeats", "0", "--quiet"]
+    args = ["--baseline", "uniform", "--env", "ChannelPrune-ResNet20-v0", "--out", str(tmp_path / "m"),
+            "--no-test", "--no-onnx", "--latency-repeats", "0", "--quiet"]
     assert main(args + ["--device", "cpu", "--env-kwargs", "device=cuda"]) == 2
     assert "differs" in capsys.readouterr().err
     assert main(args + ["--device", "tpu"]) == 2

@@ -60,7 +60,9 @@ def test_width_shrinks_model(name):
 
 def test_in_channels_only_changes_stem():
     # 1 vs 3 input channels: only the 3x3 stem conv differs (2 * 9 * 16 weights for resnet20).
-    assert count_params(build_model("resnet20", 10, 3)) - count_params(build_model("resnet20", 10, 1)) == 2 * 9 * 16
+    assert (
+        count_params(build_model("resnet20", 10, 3)) - count_params(build_model("resnet20", 10, 1)) == 2 * 9 * 16
+    )
 
 
 def test_resnet20_projection_shortcuts():

@@ -51,7 +51,9 @@ def module_macs(counts: dict, name: str, batch: int) -> dict[str, float]:
 
 def test_effective_flops_below_static_when_runtime_ratio_below_one(make_env):
     env = make_env(mode="runtime", budget=1.0)
-    env.problem.data = dataclasses.replace(env.data, reward=_cut(env.data.reward, 32), calib=_cut(env.data.calib, 32))
+    env.problem.data = dataclasses.replace(
+        env.data, reward=_cut(env.data.reward, 32), calib=_cut(env.data.calib, 32)
+    )
     env.reset(seed=0)
     ratios = []
     for _ in range(env.n_groups):
