@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -262,15 +263,9 @@ def candidate_subsets(feats: np.ndarray, k: int, n: int, rng: np.random.Generato
 def _pairs(cells: np.ndarray, losses: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(better, worse, weight) over the pairs of subsets in ``idx`` measured in the same (group, ratio) cell;
     the weight is the loss gap relative to the mean gap (capped at 3), so near-ties count little."""
-    a, b = [], []
-    for cell in np.unique(cells[idx]):
-        members = idx[cells[idx] == cell]
-        for i in range(len(members)):
-            for j in range(i + 1, len(members)):
-                lo, hi = sorted((members[i], members[j]), key=lambda m: losses[m])
-                a.append(lo)
-                b.append(hi)
-    a, b = np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)
+    pairs = [sorted(pair, key=lambda m: losses[m]) for cell in np.unique(cells[idx])
+             for pair in itertools.combinations(idx[cells[idx] == cell], 2)]
+    a, b = (np.array([p[i] for p in pairs], dtype=np.int64) for i in (0, 1))
     gap = losses[b] - losses[a]
     return a, b, np.minimum(gap / max(gap.mean(), 1e-12), 3.0) if len(gap) else gap
 
