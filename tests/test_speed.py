@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from baselines.experiments import speed
 
 
@@ -21,11 +23,18 @@ def test_speed_bench_reports_every_measure(tiny_gym_kwargs):
 
 
 def test_runtime_batch1_latency_reports_the_gated_net_at_its_effective_flops(tiny_gym_kwargs):
-    r = speed.runtime_latency("ChannelPrune-ResNet20-v0", 0.5, {**tiny_gym_kwargs, "device": "cpu"})
-    assert r["batch_size"] == 1 and r["gated_groups"] > 0
-    assert r["effective_flops_ratio"] <= 0.5 + 1e-9 and r["static_flops_ratio"] <= 0.5 + 1e-9
-    assert r["effective_flops_ratio"] > 0.4  # fitted to the budget, not far below it
-    assert 0 < r["runtime_ratio"] < 1
-    for key in ("unpruned_ms", "gated_ms", "static_ms"):
-        assert r[key] > 0, key
-    assert r["gated_over_unpruned"] == r["gated_ms"] / r["unpruned_ms"]
+    kwargs = {**tiny_gym_kwargs, "device": "cpu"}
+    native, larger = speed.runtime_latency("ChannelPrune-ResNet20-v0", 0.5, kwargs, image_sizes=[None, 40])
+    assert native["image_size"] == 28 and larger["image_size"] == 40  # the env's own size, then the one asked
+    for r in (native, larger):
+        assert r["batch_size"] == 1 and r["gated_groups"] > 0
+        assert r["effective_flops_ratio"] <= 0.5 + 1e-9 and r["static_flops_ratio"] <= 0.5 + 1e-9
+        assert r["effective_flops_ratio"] > 0.4  # fitted to the budget, not far below it
+        assert 0 < r["runtime_ratio"] < 1
+        for key in ("unpruned_ms", "gated_ms", "static_ms"):
+            assert r[key] > 0, key
+        assert r["gated_over_unpruned"] == r["gated_ms"] / r["unpruned_ms"]
+    # the same networks at both sizes: the plans do not depend on the input size
+    assert larger["effective_flops_ratio"] == native["effective_flops_ratio"]
+    with pytest.raises(ValueError, match="image_sizes"):
+        speed.runtime_latency("ChannelPrune-ResNet20-v0", 0.5, kwargs, image_sizes=[4])

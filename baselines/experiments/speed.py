@@ -14,7 +14,10 @@ Prints, for one fixed plan (uniform keep ratios fitted to the budget):
 * runtime gating at batch 1 (``--runtime-effective``, default 0.5): the network kept whole, every gated group
   computing the same fraction of its channels per input so that the effective FLOPs are that fraction, run by
   the sparse executor (``envs.runtime``) at batch 1, against the unpruned net and against static pruning to the
-  same FLOPs (``torch.utils.benchmark`` via ``envs.cost.compare_latency``: alternated, best of 3 rounds);
+  same FLOPs (``torch.utils.benchmark`` via ``envs.cost.compare_latency``: alternated, best of 3 rounds); on
+  the env's input size and on the larger square inputs of ``--runtime-image-sizes`` (default 56 and 112 pixels).
+  Per input, the executor must gather that input's weights: on small maps that traffic costs what the skipped
+  multiply-accumulates save, on larger ones the saving shows;
 * resident memory (RSS) before and after ``--memory-episodes`` episodes on a small reward/calibration split
   (memory growth is what matters there, not speed); on a GPU also the peak of CUDA memory allocated.
 
@@ -156,10 +159,18 @@ def run(env_id: str, budget: float, episodes: int, memory_episodes: int, env_kwa
     return result
 
 
-def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size: int = 1) -> dict:
+def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size: int = 1,
+                    image_sizes: list[int | None] | None = None) -> list[dict]:
     """Batch-``batch_size`` CPU latency of runtime gating at ``effective`` FLOPs (every gated group computing one
     common fraction of its channels per input, nothing pruned statically; the sparse executor), of static
-    uniform pruning to the same FLOPs, and of the unpruned net; on the CPU, contiguous float32."""
+    uniform pruning to the same FLOPs, and of the unpruned net; on the CPU, contiguous float32. One dict per
+    entry of ``image_sizes``: ``None`` (the default) the env's own input size, an integer a square input of that
+    many pixels (the same networks, which end in global pooling, on larger images, where a convolution does more
+    work per weight it reads)."""
+    sizes = [None] if image_sizes is None else list(image_sizes)
+    for size in sizes:
+        if size is not None and not (isinstance(size, int) and size >= 8):
+            raise ValueError(f"image_sizes={image_sizes!r}: each size must be an integer >= 8 (pixels)")
     env = gym.make(env_id, **{**env_kwargs, "mode": "runtime", "budget": effective, "storage_budget": 1.0}
                    ).unwrapped
     cost, n, whole = env.cost, env.n_groups, [1.0] * env.n_groups
@@ -169,15 +180,19 @@ def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size:
     kept_static, _ = cost.plan_counts([s] * n)
     gated = env.build_pruned(kept, rt, sparse=True)
     static = env.build_pruned(kept_static, kept_static)
-    shape = tuple(env.problem.example_input.shape[1:])
-    t_gated, t_base = compare_latency(gated, env.base_model, shape, batch_size)
-    t_static, t_base2 = compare_latency(static, env.base_model, shape, batch_size)
-    t_base = min(t_base, t_base2)
-    return {"batch_size": batch_size, "runtime_ratio": u, "gated_groups": int(sum(env.gated)),
-            "effective_flops_ratio": cost.ratios(kept, rt)["effective"],
-            "static_flops_ratio": cost.ratios(kept_static)["flops"], "unpruned_ms": 1e3 * t_base,
-            "gated_ms": 1e3 * t_gated, "static_ms": 1e3 * t_static, "gated_over_unpruned": t_gated / t_base,
-            "static_over_unpruned": t_static / t_base}
+    channels, height = env.problem.example_input.shape[1:3]
+    rows = []
+    for size in sizes:
+        shape = (channels, size or height, size or height)
+        t_gated, t_base = compare_latency(gated, env.base_model, shape, batch_size)
+        t_static, t_base2 = compare_latency(static, env.base_model, shape, batch_size)
+        t_base = min(t_base, t_base2)
+        rows.append({"batch_size": batch_size, "image_size": shape[-1], "runtime_ratio": u,
+                     "gated_groups": int(sum(env.gated)), "effective_flops_ratio": cost.ratios(kept, rt)["effective"],
+                     "static_flops_ratio": cost.ratios(kept_static)["flops"], "unpruned_ms": 1e3 * t_base,
+                     "gated_ms": 1e3 * t_gated, "static_ms": 1e3 * t_static,
+                     "gated_over_unpruned": t_gated / t_base, "static_over_unpruned": t_static / t_base})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime-effective", type=float, default=0.5,
                    help="effective FLOPs of the batch-1 runtime-gating latency (0 skips it; runtime mode trains "
                         "the runtime predictor on first use)")
+    p.add_argument("--runtime-image-sizes", type=int, nargs="*", default=[56, 112], metavar="PIXELS",
+                   help="also time the batch-1 runtime gating on square inputs of these sizes (the env's own size "
+                        "always runs): per-input gating pays where convolutions do more work per weight")
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
     p.add_argument("--device", default=None,
                    help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N")
@@ -210,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     if not 0 <= args.runtime_effective <= 1:
         p.error(f"--runtime-effective {args.runtime_effective} must be in [0, 1] (0: skip)")
+    if any(size < 8 for size in args.runtime_image_sizes):
+        p.error(f"--runtime-image-sizes {args.runtime_image_sizes}: each size must be >= 8 pixels")
     res = run(args.env, args.budget, args.episodes, args.memory_episodes, kwargs)
     if args.runtime_effective > 0:
-        res["runtime_batch1"] = runtime_latency(args.env, args.runtime_effective, kwargs)
+        res["runtime_batch1"] = runtime_latency(args.env, args.runtime_effective, kwargs,
+                                                image_sizes=[None, *args.runtime_image_sizes])
     print(f"{args.env} at {args.budget:.0%} FLOPs, reward split {res['reward_images']} images, "
           f"calibration {res['calib_images']}, on {res['device']}: {res['machine']}")
     print(f"  episode (all steps + prune + recal + eval):  {res['episode_s']:.2f} s")
@@ -225,13 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     if "rss_mb_end" in res:
         print(f"  RSS over {res['memory_episodes']} episodes: {res['rss_mb_after_10']:.0f} MB after 10 -> "
               f"{res['rss_mb_end']:.0f} MB at the end ({res['rss_growth_mb_10_to_end']:+.0f} MB)")
-    if "runtime_batch1" in res:
-        r = res["runtime_batch1"]
-        print(f"  batch 1, CPU: unpruned {r['unpruned_ms']:.2f} ms; runtime gating at "
-              f"{r['effective_flops_ratio']:.0%} "
-              f"effective FLOPs (sparse executor, {r['gated_groups']} gated groups) {r['gated_ms']:.2f} ms "
-              f"= {r['gated_over_unpruned']:.2f}x; static pruning at {r['static_flops_ratio']:.0%} FLOPs "
-              f"{r['static_ms']:.2f} ms = {r['static_over_unpruned']:.2f}x")
+    for r in res.get("runtime_batch1", []):
+        print(f"  batch 1, CPU, {r['image_size']}x{r['image_size']} input: unpruned {r['unpruned_ms']:.2f} ms; "
+              f"runtime gating at {r['effective_flops_ratio']:.0%} effective FLOPs (sparse executor, "
+              f"{r['gated_groups']} gated groups) {r['gated_ms']:.2f} ms = {r['gated_over_unpruned']:.2f}x; "
+              f"static pruning at {r['static_flops_ratio']:.0%} FLOPs {r['static_ms']:.2f} ms "
+              f"= {r['static_over_unpruned']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
