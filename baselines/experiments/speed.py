@@ -188,7 +188,8 @@ def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size:
         t_static, t_base2 = compare_latency(static, env.base_model, shape, batch_size)
         t_base = min(t_base, t_base2)
         rows.append({"batch_size": batch_size, "image_size": shape[-1], "runtime_ratio": u,
-                     "gated_groups": int(sum(env.gated)), "effective_flops_ratio": cost.ratios(kept, rt)["effective"],
+                     "gated_groups": int(sum(env.gated)),
+                     "effective_flops_ratio": cost.ratios(kept, rt)["effective"],
                      "static_flops_ratio": cost.ratios(kept_static)["flops"], "unpruned_ms": 1e3 * t_base,
                      "gated_ms": 1e3 * t_gated, "static_ms": 1e3 * t_static,
                      "gated_over_unpruned": t_gated / t_base, "static_over_unpruned": t_static / t_base})
