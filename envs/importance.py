@@ -293,6 +293,13 @@ def _fit_ranker(rows: torch.Tensor, member: torch.Tensor, pairs, seed: int, step
     return mlp
 
 
+def check_importance_samples(per_group) -> None:
+    """ValueError unless ``per_group`` (the env's ``importance_samples``) is an integer >= 2."""
+    if isinstance(per_group, bool) or not (isinstance(per_group, int) and per_group >= 2):
+        raise ValueError(f"importance_samples (per_group)={per_group!r}: the static predictor ranks keep sets "
+                         "against each other, so it needs an integer >= 2 per group and ratio")
+
+
 def train_static_predictor(
     ctx: ImportanceContext,
     per_group: int = 4,
@@ -309,9 +316,7 @@ def train_static_predictor(
     the sets of the same group and ratio by their loss (``_fit_ranker``). Quality: on the (group, ratio) cells
     held out (30%), the share of subset pairs it orders right, next to the same share for the sum of Taylor's and
     of L1's ranks. Returns (state to cache, quality report)."""
-    if not (isinstance(per_group, int) and per_group >= 2):
-        raise ValueError(f"importance_samples (per_group)={per_group!r}: the static predictor ranks keep sets "
-                         "against each other, so it needs at least 2 per group and ratio")
+    check_importance_samples(per_group)
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     feats = channel_features(ctx)

@@ -25,8 +25,8 @@ from torch import nn
 from .budget import MODES, TARGETS, CostModel
 from .data import DatasetSplits, Split, load_dataset
 from .groups import GroupGraph
-from .importance import (DEFAULT_SCORER, SCORERS, ImportanceContext, ImportancePredictors, Scorer, gate_layout,
-                         make_scorer)
+from .importance import (DEFAULT_SCORER, SCORERS, ImportanceContext, ImportancePredictors, Scorer,
+                         check_importance_samples, gate_layout, make_scorer)
 from .inference import inference_context, resolve_precision
 from .latency import LatencyTable
 from .machine import resolve_device
@@ -110,6 +110,7 @@ class PruningProblem:
     ):
         self.kwargs = {k: v for k, v in locals().items() if k in PROBLEM_KWARGS}
         check_settings(budget, target, mode, storage_budget, min_keep, round_to, scorer, compensate)
+        check_importance_samples(importance_samples)  # checked even when no predictor is trained
         self.mode, self.compensate, self.progress = mode, compensate, bool(progress)
         self.eval_batch_size = eval_batch_size
         self.device = resolve_device(device)

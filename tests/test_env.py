@@ -410,6 +410,7 @@ def test_step_info_names_action_request_and_applied_ratio(make_env, monkeypatch)
     (dict(render_mode="human"), r"render_mode='human'.*ansi"),
     (dict(mode="runtime", target="params"), r"target='params'.*runtime"),
     (dict(eval_precision="fp16"), r"eval_precision='fp16'.*auto, fp32, bf16"),
+    (dict(importance_samples=1), r"importance_samples.*=1.*integer >= 2"),  # checked with a classic scorer too
 ])
 def test_bad_kwargs_name_value_and_allowed(make_env, kwargs, match):
     with pytest.raises(ValueError, match=match):
