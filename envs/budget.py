@@ -142,6 +142,18 @@ class CostModel:
         plan = lambda s: np.clip(s * r, self.min_keep, 1.0)  # noqa: E731
         return plan(self.fit_parameter(lambda s: (plan(s), None), 0.0, 1.0 / r.min(), budget))
 
+    def fill(self, kept: Sequence[int]) -> list[int]:
+        """Static counts ``kept`` (within the budget) scaled up by the largest common factor that stays within it
+        (``fit_to_budget`` on their ratios, never below them), repeated until the counts stop changing, so that
+        filling a filled plan gives it back unchanged (replays are exact)."""
+        kept = [int(k) for k in kept]
+        while True:
+            ratios = self.fit_to_budget([k / c for k, c in zip(kept, self.k_full)])
+            more = [max(a, b) for a, b in zip(self.plan_counts(ratios)[0], kept)]
+            if more == kept or not self.fits(more):
+                return kept
+            kept = more
+
     def fit_parameter(self, plan: Callable[[float], tuple[Sequence[float], Sequence[float] | None]], lo: float,
                       hi: float, budget: float | None = None, xtol: float = 1e-4) -> float:
         """The one budget root-finder: the largest ``u`` in [lo, hi] whose plan ``plan(u)`` = (keep ratios,

@@ -46,8 +46,12 @@ class ChannelPruneEnv(gym.Env):
     channels each input computes. Out-of-range actions are **clipped** to [-1, 1]; non-finite actions raise
     ``ValueError``. Channel counts are rounded to multiples of ``round_to``. In the default ``budget_mode="wall"``
     the ratio is then clamped (AMC's action wall) so that the budget stays reachable with every later group at
-    ``min_keep``: the final model never exceeds the budget. ``info["clamped"]`` says by how much. Residual-stream
-    groups have no runtime gate: their runtime ratio is ignored (always 1).
+    ``min_keep``: the final model never exceeds the budget. ``info["clamped"]`` says by how much. With
+    ``budget_mode="fill"`` (static mode) the wall acts the same and, at the episode's end, the plan is scaled up
+    by the largest common factor that stays within the budget (``CostModel.fill``, the scaling random search
+    applies to its draws), so every plan spends the budget and the actions decide only how it is shared among
+    the groups; ``info["keep_ratios"]`` is the filled plan and ``info["fill_total"]`` what the fill added.
+    Residual-stream groups have no runtime gate: their runtime ratio is ignored (always 1).
 
     ## Observation Space
 
@@ -114,8 +118,9 @@ class ChannelPruneEnv(gym.Env):
 
     ## Arguments
 
-    Episode: ``reward`` (above), ``budget_mode`` in {wall, penalty}, ``penalty_coef``, ``screen_size`` (None, or
-    images of the reward split every plan is scored on first; above), ``render_mode`` ("ansi", "rgb_array").
+    Episode: ``reward`` (above), ``budget_mode`` in {wall, penalty, fill}, ``penalty_coef``, ``screen_size``
+    (None, or images of the reward split every plan is scored on first; above), ``render_mode`` ("ansi",
+    "rgb_array").
     Problem (``envs.problem.PruningProblem``, or pass a built one as ``problem``): ``model`` (zoo
     name or ``nn.Module``; a user model needs ``example_input`` and ``data``, a ``DatasetSplits``), ``dataset``
     ("fashion-mnist", "cifar10", "imagefolder"), ``data_dir``, ``checkpoint`` (default: the cache or the shipped
@@ -214,7 +219,8 @@ class ChannelPruneEnv(gym.Env):
         t, c = self._t, self.groups[self._t].num_channels
         want = ratio_of_action(a[0], self.min_keep)
         rt_want = ratio_of_action(a[1], self.min_keep) if self.mode == "runtime" else 1.0
-        k_asked, k, r = self.cost.decide(t, want, rt_want, self._kept, self._rt, wall=self.budget_mode == "wall")
+        k_asked, k, r = self.cost.decide(t, want, rt_want, self._kept, self._rt,
+                                         wall=self.budget_mode in ("wall", "fill"))
         self._kept[t], self._rt[t] = k, r
         self._prev = k / c
         self._requested.append(want)
@@ -235,11 +241,20 @@ class ChannelPruneEnv(gym.Env):
 
     def _finish(self) -> tuple[float, dict]:
         t0 = time.perf_counter()
+        filled = 0.0
+        if self.budget_mode == "fill":  # spend what the wall left: one common scale-up (static mode only)
+            before = list(self._kept)
+            self._kept = self.cost.fill(before)
+            self._rt = list(self._kept)
+            self._applied = [k / g.num_channels for k, g in zip(self._kept, self.groups)]
+            filled = float(sum((k - b) / g.num_channels for k, b, g in zip(self._kept, before, self.groups)))
         info = self.problem.evaluate_plan(self._kept, self._rt, screen=self.screen)
         acc, loss = info["accuracy"], info["loss"]
         info.update(keep_ratios=list(self._applied), runtime_ratios=[r / k for r, k in zip(self._rt, self._kept)],
                     kept_counts=list(self._kept), kept_channels=[c.tolist() for c in self.kept_channels()],
                     requested_ratios=list(self._requested), clamp_total=float(sum(self._clamps)))
+        if self.budget_mode == "fill":
+            info["fill_total"] = filled
         costs = self.cost.costs(self._kept, self._rt)
         if self.reward_kind == "acc":
             reward = acc

@@ -12,7 +12,7 @@ from .problem import PROBLEM_KWARGS, check_settings
 
 REWARDS = ("acc", "acc_flops", "relative_ce")
 REWARD_ALIASES = {"chen2020": "relative_ce", "paper7": "relative_ce"}  # "paper7": the name of earlier versions
-BUDGET_MODES = ("wall", "penalty")
+BUDGET_MODES = ("wall", "penalty", "fill")
 RENDER_MODES = ("ansi", "rgb_array")
 ENV_KWARGS = ("problem", "reward", "budget_mode", "penalty_coef", "render_mode", "screen_size") + PROBLEM_KWARGS
 
@@ -38,5 +38,8 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     if screen is not None and not (isinstance(screen, int) and not isinstance(screen, bool) and screen >= 1):
         raise ValueError(f"screen_size={screen!r} must be None (score every plan on the whole reward split) or a "
                          "positive integer (images scored first; the rest only for plans that can still win)")
+    if kwargs.get("budget_mode") == "fill" and kwargs.get("mode", "static") != "static":
+        raise ValueError(f"budget_mode='fill' is not allowed with mode={kwargs['mode']!r}; allowed: mode='static' "
+                         "(fill scales the static keep ratios; use budget_mode='wall' in runtime mode)")
     settings = ("budget", "target", "mode", "storage_budget", "min_keep", "round_to", "scorer", "compensate")
     check_settings(**{k: kwargs[k] for k in settings if k in kwargs})
