@@ -169,6 +169,7 @@ def test_generic_id_runs_a_longer_model_to_the_end_and_old_names_still_resolve(t
 def test_resnet20_checkers_with_every_reward_and_penalty_mode(tiny_gym_kwargs):
     # (internal_only changes the groups, hence the learned predictor's cache key: the L1 scorer avoids a refit)
     for kwargs in (dict(reward="acc_flops"), dict(reward="relative_ce"), dict(budget_mode="penalty"),
+                   dict(budget_mode="fill"),
                    dict(target="params"), dict(internal_only=True, scorer="l1"),
                    dict(mode="runtime", storage_budget=0.6)):
         env, caught = run_checkers(lambda kw=kwargs: gym.make("ChannelPrune-ResNet20-v0", **tiny_gym_kwargs, **kw),
@@ -359,6 +360,29 @@ def test_penalty_mode_has_no_wall_and_penalizes_excess(make_env, monkeypatch):
     assert info["budget_excess"] == pytest.approx(1 / 0.3 - 1)
     reward = run_episode(env, actions=[np.ones(1, np.float32)] * env.n_groups)[-1][1]
     assert reward == pytest.approx(0.0 - 5.0 * (math.exp(1 / 0.3 - 1) - 1))
+
+
+def test_fill_mode_spends_the_budget_by_one_common_scale_up(make_env, monkeypatch):
+    from envs.export import replay_counts
+
+    walled, filled = make_env(budget=0.4), make_env(budget=0.4, budget_mode="fill")
+    for env in (walled, filled):
+        skip_evaluation(monkeypatch, env)
+    low = [np.full(1, -0.8, np.float32)] * walled.n_groups  # asks for far less than the budget allows
+    for actions in (low, None):
+        for ep in range(10):
+            w = run_episode(walled, actions=actions, seed=ep)[-1][2]
+            f = run_episode(filled, actions=actions, seed=ep)[-1][2]
+            assert f["flops_ratio"] <= 0.4 * (1 + 1e-9)
+            assert all(a >= b for a, b in zip(f["kept_counts"], w["kept_counts"]))  # the fill only adds
+            assert f["fill_total"] == pytest.approx(sum(f["keep_ratios"]) - sum(w["keep_ratios"]))
+            assert filled.cost.fill(f["kept_counts"]) == f["kept_counts"]  # a fixed point: nothing more fits
+            assert f["flops_ratio"] > 0.9 * 0.4, (w["flops_ratio"], f["flops_ratio"])  # the budget is spent
+            if actions is low:
+                assert w["flops_ratio"] < 0.3 and f["fill_total"] > 1.0
+            assert replay_counts(filled, f["kept_counts"])["kept_counts"] == f["kept_counts"]  # replays exactly
+    with pytest.raises(ValueError, match=r"budget_mode='fill'.*mode='runtime'"):
+        make_env(budget_mode="fill", mode="runtime")
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
