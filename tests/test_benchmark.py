@@ -33,6 +33,11 @@ def test_tiny_benchmark_writes_everything_and_resumes(tiny_gym_kwargs, tmp_path,
     # random search evaluates as many plans as the agent ran episodes
     for seed in (0, 1):
         assert float(runs["random_search", seed]["evaluations"]) == float(runs["ppo", seed]["evaluations"]) == 4
+        # and its evaluations are a curve beside the agent's: the best of them is the plan it returned
+        curve = _rows(out / "agents" / f"random_search-b0.6-s{seed}" / "episodes.csv")
+        assert len(curve) == 4
+        assert max(float(e["reward"]) for e in curve) == pytest.approx(
+            float(runs["random_search", seed]["reward_acc_before_ft"]))
     # the reported accuracies are the test split's: the uniform plan, pruned and recalibrated, on the test split
     import gymnasium as gym
 

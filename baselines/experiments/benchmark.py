@@ -148,6 +148,19 @@ def _row_from_info(method: str, kind: str, budget: float, info: dict) -> dict:
     }
 
 
+def write_search_curve(history: list[dict], run_dir: Path) -> None:
+    """A search's evaluations in the agents' ``episodes.csv`` form (episode, reward = reward-split accuracy,
+    first-rung when raced; cost ratio), so ``reward_curves.png`` draws random search beside the agents."""
+    from agents.common import EPISODES_FILE
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / EPISODES_FILE, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["episode", "reward", "accuracy", "cost_ratio"])
+        for i, h in enumerate(history, 1):
+            w.writerow([i, h["reward_accuracy"], h["reward_accuracy"], h["cost_ratio"]])
+
+
 def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
     """The rows of one cell on ``env`` (the run's env at the cell's budget): the method plans (baselines:
     ``setup``, with ``options``; agents: trained or loaded), one episode applies each plan, ``evaluate_plan``
@@ -170,6 +183,9 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
                 return [{**row, "status": "ok", "seed": cell.seed, "search_seconds": search_s, **where}]
             policy.setup()
             plays = [(cell.name, policy.eval_env, policy, getattr(policy, "evaluations", 1))]
+            if getattr(policy, "history", None):  # a search: its evaluations are curves next to the agents'
+                write_search_curve(policy.history, Path(job.out) / "agents" / f"{cell.name}-b{cell.budget:g}"
+                                   f"-s{cell.seed}")
         else:
             plays = agent_plays(cell.name, job.env_id, env, job.env_kwargs, cell.budget, job.episodes, cell.seed,
                                 Path(job.out), job.agent_runs.get(cell.name), job.progress)
