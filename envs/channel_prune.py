@@ -241,20 +241,18 @@ class ChannelPruneEnv(gym.Env):
 
     def _finish(self) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        filled = 0.0
+        fill = {}
         if self.budget_mode == "fill":  # spend what the wall left: one common scale-up (static mode only)
-            before = list(self._kept)
-            self._kept = self.cost.fill(before)
+            walled = sum(self._applied)
+            self._kept = self.cost.fill(self._kept)
             self._rt = list(self._kept)
             self._applied = [k / g.num_channels for k, g in zip(self._kept, self.groups)]
-            filled = float(sum((k - b) / g.num_channels for k, b, g in zip(self._kept, before, self.groups)))
+            fill["fill_total"] = sum(self._applied) - walled
         info = self.problem.evaluate_plan(self._kept, self._rt, screen=self.screen)
         acc, loss = info["accuracy"], info["loss"]
         info.update(keep_ratios=list(self._applied), runtime_ratios=[r / k for r, k in zip(self._rt, self._kept)],
                     kept_counts=list(self._kept), kept_channels=[c.tolist() for c in self.kept_channels()],
-                    requested_ratios=list(self._requested), clamp_total=float(sum(self._clamps)))
-        if self.budget_mode == "fill":
-            info["fill_total"] = filled
+                    requested_ratios=list(self._requested), clamp_total=float(sum(self._clamps)), **fill)
         costs = self.cost.costs(self._kept, self._rt)
         if self.reward_kind == "acc":
             reward = acc
