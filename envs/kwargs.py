@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .importance import check_importance_samples
 from .problem import PROBLEM_KWARGS, check_settings
 
 REWARDS = ("acc", "acc_flops", "relative_ce")
@@ -41,5 +42,7 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     if kwargs.get("budget_mode") == "fill" and kwargs.get("mode", "static") != "static":
         raise ValueError(f"budget_mode='fill' is not allowed with mode={kwargs['mode']!r}; allowed: mode='static' "
                          "(fill scales the static keep ratios; use budget_mode='wall' in runtime mode)")
+    if "importance_samples" in kwargs:
+        check_importance_samples(kwargs["importance_samples"])
     settings = ("budget", "target", "mode", "storage_budget", "min_keep", "round_to", "scorer", "compensate")
     check_settings(**{k: kwargs[k] for k in settings if k in kwargs})

@@ -441,6 +441,14 @@ def test_bad_kwargs_name_value_and_allowed(make_env, kwargs, match):
         make_env(**kwargs)
 
 
+def test_importance_samples_rejected_before_anything_is_built():
+    from envs.kwargs import check_kwargs
+
+    with pytest.raises(ValueError, match=r"importance_samples.*=1.*integer >= 2"):
+        check_kwargs({"importance_samples": 1})
+    check_kwargs({"importance_samples": 2})
+
+
 def test_step_before_reset_and_after_end(make_env, monkeypatch):
     env = make_env()
     with pytest.raises(RuntimeError, match="reset"):

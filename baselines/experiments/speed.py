@@ -180,6 +180,9 @@ def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size:
     kept_static, _ = cost.plan_counts([s] * n)
     gated = env.build_pruned(kept, rt, sparse=True)
     static = env.build_pruned(kept_static, kept_static)
+    plans = {"batch_size": batch_size, "runtime_ratio": u, "gated_groups": int(sum(env.gated)),
+             "effective_flops_ratio": cost.ratios(kept, rt)["effective"],
+             "static_flops_ratio": cost.ratios(kept_static)["flops"]}  # the same at every input size
     channels, height = env.problem.example_input.shape[1:3]
     rows = []
     for size in sizes:
@@ -187,12 +190,9 @@ def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size:
         t_gated, t_base = compare_latency(gated, env.base_model, shape, batch_size)
         t_static, t_base2 = compare_latency(static, env.base_model, shape, batch_size)
         t_base = min(t_base, t_base2)
-        rows.append({"batch_size": batch_size, "image_size": shape[-1], "runtime_ratio": u,
-                     "gated_groups": int(sum(env.gated)),
-                     "effective_flops_ratio": cost.ratios(kept, rt)["effective"],
-                     "static_flops_ratio": cost.ratios(kept_static)["flops"], "unpruned_ms": 1e3 * t_base,
-                     "gated_ms": 1e3 * t_gated, "static_ms": 1e3 * t_static,
-                     "gated_over_unpruned": t_gated / t_base, "static_over_unpruned": t_static / t_base})
+        rows.append({**plans, "image_size": shape[-1], "unpruned_ms": 1e3 * t_base, "gated_ms": 1e3 * t_gated,
+                     "static_ms": 1e3 * t_static, "gated_over_unpruned": t_gated / t_base,
+                     "static_over_unpruned": t_static / t_base})
     return rows
 
 
