@@ -20,6 +20,7 @@ from stable_baselines3.common.noise import NormalActionNoise
 from torch import nn
 
 from .algos import ALGOS, ON_POLICY
+from .bounded_policy import BoundedMlpPolicy
 from .episode_reward import EpisodeRewardReplayBuffer
 from .noise import TruncatedNormalActionNoise
 
@@ -32,6 +33,9 @@ EXTRA_KEYS = {
 RESERVED = ("env", "seed", "tensorboard_log", "_init_setup_model", "verbose")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
 NOISES = ("truncated_normal", "normal")
+# a preset's ``policy``: SB3's own names, plus ours for on-policy algos (a class is passed through as it is)
+POLICIES = {"on": {"MlpPolicy": "MlpPolicy", "BoundedMlpPolicy": BoundedMlpPolicy},
+            "off": {"MlpPolicy": "MlpPolicy"}}
 
 
 def load_presets(path: str | Path | None = None) -> dict[str, Any]:
@@ -75,6 +79,10 @@ def check_keys(algo: str, hp: dict[str, Any], where: str) -> None:
     if bad:
         raise ValueError(f"{where}: unknown hyperparameter(s) {', '.join(map(repr, bad))} for algo={algo!r}; "
                          f"allowed: {', '.join(allowed)}")
+    names = POLICIES["on" if algo in ON_POLICY else "off"]
+    if isinstance(hp.get("policy"), str) and hp["policy"] not in names:
+        raise ValueError(f"{where}: policy={hp['policy']!r} is not allowed for algo={algo!r}; allowed: "
+                         f"{', '.join(names)}")
 
 
 def _default_of(algo: str, name: str) -> Any:
@@ -104,6 +112,9 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
     episode_reward = bool(hp.pop("episode_reward", False))
     alpha = float(hp.pop("baseline_alpha", 0.5))
     hp.setdefault("policy", "MlpPolicy")
+    record["policy"] = getattr(hp["policy"], "__name__", hp["policy"])
+    if isinstance(hp["policy"], str):
+        hp["policy"] = POLICIES["on" if algo in ON_POLICY else "off"][hp["policy"]]
 
     pk = hp.get("policy_kwargs")
     if pk and isinstance(pk.get("activation_fn"), str):
@@ -148,7 +159,7 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
             record["noise"] = dict(noise)
             hp["action_noise"] = make_noise(noise, action_dim, episode_len, n_envs,
                                             int(hp.get("learning_starts", _default_of(algo, "learning_starts"))))
-    record.update({k: v for k, v in hp.items() if k != "action_noise"})
+    record.update({k: v for k, v in hp.items() if k not in ("action_noise", "policy")})
     record["episode_reward"], record["baseline_alpha"] = episode_reward, alpha
     return Resolved(kwargs=hp, episode_reward=episode_reward, baseline_alpha=alpha, record=record)
 

@@ -20,6 +20,7 @@ import envs  # noqa: F401  (registers the ids)
 from agents import evaluate as evaluate_mod
 from agents import train as train_mod
 from agents.algos import ALGOS, ON_POLICY
+from agents.bounded_policy import BoundedMlpPolicy
 from agents.common import EnvFactory, split_serializable
 from agents.episode_reward import EpisodeBaselineWrapper, EpisodeRewardReplayBuffer
 from agents.evaluate import evaluate_run
@@ -299,6 +300,8 @@ def _no_env(*args, **kwargs):
     (("ppo", ENV_ID), {"seed": -1}, r"seed=-1"),
     (("ppo", ENV_ID), {"learning_rat": 1e-3}, r"'learning_rat'.*learning_rate"),
     (("ddpg", ENV_ID), {"n_steps_episodes": 2}, r"'n_steps_episodes'.*warmup_episodes"),
+    (("ppo", ENV_ID), {"policy": "TanhPolicy"}, r"policy='TanhPolicy'.*MlpPolicy, BoundedMlpPolicy"),
+    (("ddpg", ENV_ID), {"policy": "BoundedMlpPolicy"}, r"policy='BoundedMlpPolicy'.*algo='ddpg'.*MlpPolicy"),
 ])
 def test_bad_inputs_fail_before_building(args, kwargs, match, monkeypatch, tmp_path):
     monkeypatch.setattr(train_mod, "make_vec_env", _no_env)
@@ -349,6 +352,30 @@ def test_presets_merge_resolve_and_are_valid():
 
     on = resolve("ppo", {**get_preset("ppo", ENV_ID), "episode_reward": True}, 12, 1, 1)
     assert on.episode_reward and on.kwargs["gamma"] == 1.0 and on.kwargs["gae_lambda"] == 1.0
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_bounded_policy_keeps_its_mean_inside_the_action_bounds(algo, tmp_path):
+    """Pushed far outside [-1, 1], MlpPolicy's Gaussian mean follows and BoundedMlpPolicy's stays inside; the
+    preset name resolves to the class, the record keeps the name, and a saved model reloads and acts the same."""
+    res = resolve(algo, {**get_preset(algo, ENV_ID), "policy": "BoundedMlpPolicy"}, 12, 1, 1)
+    assert res.kwargs["policy"] is BoundedMlpPolicy and res.record["policy"] == "BoundedMlpPolicy"
+    env = gym.make(ENV_ID, **synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5))
+    obs = torch.as_tensor(np.stack([env.observation_space.sample() for _ in range(8)]))
+    means = {}
+    for policy in ("MlpPolicy", BoundedMlpPolicy):
+        model = ALGOS[algo](policy, env, seed=0, device="cpu")
+        with torch.no_grad():
+            model.policy.action_net.bias.fill_(-3.0)  # where PPO's mean went on ResNet-18 at budget 0.3 (~-2)
+            means[policy] = model.policy.get_distribution(obs).distribution.mean
+    assert (means["MlpPolicy"] < -1.5).all()
+    bounded = means[BoundedMlpPolicy]
+    assert (bounded.abs() < 1).all() and (bounded < -0.9).all()  # inside, yet it still says "cut hard"
+    model.save(tmp_path / "model.zip")
+    again = ALGOS[algo].load(tmp_path / "model.zip", device="cpu")
+    assert isinstance(again.policy, BoundedMlpPolicy)
+    o = obs[:1].numpy()
+    assert np.array_equal(again.predict(o, deterministic=True)[0], model.predict(o, deterministic=True)[0])
 
 
 # ---------------------------------------------------------------------------------------------- AMC noise
