@@ -9,6 +9,7 @@ ratios, keep ratios, ...). SB3 exposes the step's ``infos`` and ``dones`` to cal
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from .common import BEST_FILE, EPISODES_FILE, write_json_atomic
 
 CSV_FIELDS = ("episode", "timesteps", "env", "reward", "accuracy", "flops_ratio", "params_ratio",
-              "effective_flops_ratio", "clamp_total", "images_scored", "seconds")
+              "effective_flops_ratio", "clamp_total", "images_scored", "seconds", "keep_ratios")
 BEST_KEYS = ("accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops_ratio", "latency_ratio",
              "budget_excess", "keep_ratios", "runtime_ratios", "kept_counts", "requested_ratios", "clamp_total")
 
@@ -107,7 +108,9 @@ class EpisodeRecorder(BaseCallback):
                "params_ratio": info.get("params_ratio"),
                "effective_flops_ratio": info.get("effective_flops_ratio"),
                "clamp_total": info.get("clamp_total"), "images_scored": info.get("images_scored"),
-               "seconds": round(time.perf_counter() - self._t0, 3)}
+               "seconds": round(time.perf_counter() - self._t0, 3),
+               # the plan itself (a JSON list, as in the benchmark's rows): what did the search converge to?
+               "keep_ratios": json.dumps([round(float(r), 4) for r in info.get("keep_ratios", [])])}
         self._writer.writerow(row)
         self._csv.flush()
         if self._tb is not None:

@@ -232,6 +232,7 @@ def test_raced_training_keeps_the_best_among_plans_scored_in_full(small_kwargs, 
     best_row = rows[best["episode"] - 1]
     assert int(best_row["images_scored"]) == full  # the best episode was scored on the whole reward split
     assert best["accuracy"] == max(float(r["accuracy"]) for r in rows if int(r["images_scored"]) == full)
+    assert json.loads(best_row["keep_ratios"]) == [round(r, 4) for r in best["keep_ratios"]]  # every plan logged
     env = make_env_from_best(run / "best.json", data=small_kwargs["data"])
     assert run_episode(env, BestPolicy.load(run / "best.json"))[1]["accuracy"] == best["accuracy"]
 
