@@ -6,9 +6,9 @@ DependencyGraph), the static importance order and the runtime gates, the cost mo
 accuracy on a split). ``ChannelPruneEnv`` is a Gymnasium layer over one problem; baselines, the export and the
 benchmark use the same problem, so a plan is pruned, costed and evaluated the same way everywhere.
 
-A missing checkpoint is never trained silently: the shipped ResNet-18 checkpoint is used when it matches, otherwise
-the first build prints what it trains and how long that takes on this machine (``envs.pretrain``), and with
-``train_if_missing=False`` (what parallel workers get) it raises ``CheckpointError`` with the command to run.
+A missing checkpoint is never trained silently: a shipped checkpoint (ResNet-18, ResNet-56) is used when it
+matches, otherwise the first build prints what it trains and how long that takes on this machine
+(``envs.pretrain``), and with ``train_if_missing=False`` (what parallel workers get) it raises ``CheckpointError`` with the command to run.
 """
 
 from __future__ import annotations
