@@ -8,7 +8,8 @@ benchmark use the same problem, so a plan is pruned, costed and evaluated the sa
 
 A missing checkpoint is never trained silently: a shipped checkpoint (ResNet-18, ResNet-56) is used when it
 matches, otherwise the first build prints what it trains and how long that takes on this machine
-(``envs.pretrain``), and with ``train_if_missing=False`` (what parallel workers get) it raises ``CheckpointError`` with the command to run.
+(``envs.pretrain``), and with ``train_if_missing=False`` (what parallel workers get) it raises ``CheckpointError``
+with the command to run.
 """
 
 from __future__ import annotations
