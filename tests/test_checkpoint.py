@@ -12,6 +12,7 @@ import torch
 
 from envs import pretrain, training
 from envs.data import Split
+from envs.models import build_model
 from envs.paths import CACHE_ENV
 from envs.pretrain import (
     CheckpointError,
@@ -332,3 +333,15 @@ def test_damaged_shipped_checkpoint_is_refused(trained, fmnist, tmp_path, monkey
     _no_training(monkeypatch)
     with pytest.raises(CheckpointError, match="sha256"):
         get_pretrained("resnet20", width=WIDTH, recipe=RECIPE, data=fmnist, train_if_missing=False)
+
+
+@pytest.mark.parametrize("path", sorted(pretrain.SHIPPED_DIR.glob("*.pt")), ids=lambda p: p.stem)
+def test_every_shipped_checkpoint_matches_its_sidecar_and_architecture(path):
+    # what a fresh cache installs: the sha256 the loader checks, and weights that fit the model the sidecar names
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert pretrain.sha256_of(path) == meta["sha256"]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(v.dtype in (torch.float16, torch.int64) for v in state.values())
+    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["width"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    assert 0.9 <= meta["test_accuracy"] <= 1.0 and path.stem.startswith(f"{meta['model']}-{meta['dataset']}-")
