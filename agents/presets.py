@@ -73,13 +73,18 @@ def allowed_keys(algo: str) -> list[str]:
     return names + [k for k in extra if k not in names]
 
 
+def policy_names(algo: str) -> dict[str, Any]:
+    """The preset ``policy`` names the algorithm accepts, each with what SB3 is given for it."""
+    return POLICIES["on" if algo in ON_POLICY else "off"]
+
+
 def check_keys(algo: str, hp: dict[str, Any], where: str) -> None:
     allowed = allowed_keys(algo)
     bad = [k for k in hp if k not in allowed]
     if bad:
         raise ValueError(f"{where}: unknown hyperparameter(s) {', '.join(map(repr, bad))} for algo={algo!r}; "
                          f"allowed: {', '.join(allowed)}")
-    names = POLICIES["on" if algo in ON_POLICY else "off"]
+    names = policy_names(algo)
     if isinstance(hp.get("policy"), str) and hp["policy"] not in names:
         raise ValueError(f"{where}: policy={hp['policy']!r} is not allowed for algo={algo!r}; allowed: "
                          f"{', '.join(names)}")
@@ -114,7 +119,7 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
     hp.setdefault("policy", "MlpPolicy")
     record["policy"] = getattr(hp["policy"], "__name__", hp["policy"])
     if isinstance(hp["policy"], str):
-        hp["policy"] = POLICIES["on" if algo in ON_POLICY else "off"][hp["policy"]]
+        hp["policy"] = policy_names(algo)[hp["policy"]]
 
     pk = hp.get("policy_kwargs")
     if pk and isinstance(pk.get("activation_fn"), str):
