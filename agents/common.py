@@ -18,6 +18,7 @@ from envs.kwargs import check_kwargs
 from envs.paths import atomic_write_text
 
 from .algos import ALGOS
+from .relative_actions import wrap_actions
 
 BEST_FILE = "best.json"
 CONFIG_FILE = "config.yaml"
@@ -135,8 +136,8 @@ class EpisodeReturnInfo(gym.Wrapper):
 
 @dataclass
 class EnvFactory:
-    """Picklable env constructor for (Subproc|Dummy)VecEnv: ``gym.make`` + exact return in the info + Monitor
-    (+ the on-policy episode-reward baseline).
+    """Picklable env constructor for (Subproc|Dummy)VecEnv: ``gym.make`` (+ ``RelativeActions`` when ``actions``
+    is "relative") + exact return in the info + Monitor (+ the on-policy episode-reward baseline).
 
     ``single_thread`` (set for SubprocVecEnv workers) pins torch to one thread per worker: K workers on K cores
     would otherwise each start a full OpenMP pool and contend.
@@ -146,6 +147,7 @@ class EnvFactory:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     single_thread: bool = False
     baseline_alpha: float | None = None  # set: wrap in EpisodeBaselineWrapper (on-policy episode-level reward)
+    actions: str = "absolute"
 
     def __call__(self) -> gym.Env:
         if self.single_thread:
@@ -154,7 +156,7 @@ class EnvFactory:
             torch.set_num_threads(1)
         from stable_baselines3.common.monitor import Monitor
 
-        env = Monitor(EpisodeReturnInfo(gym.make(self.env_id, **self.env_kwargs)))
+        env = Monitor(EpisodeReturnInfo(wrap_actions(gym.make(self.env_id, **self.env_kwargs), self.actions)))
         if self.baseline_alpha is not None:
             from .episode_reward import EpisodeBaselineWrapper
 
@@ -163,7 +165,7 @@ class EnvFactory:
 
 
 def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, baseline_alpha: float | None = None,
-                 start_method: str | None = None, ray_address: str | None = None):
+                 start_method: str | None = None, ray_address: str | None = None, actions: str = "absolute"):
     """DummyVecEnv for one env, SubprocVecEnv (one torch thread per worker) for several; with ``ray_address``
     ("local" or a cluster's address) a ``RayVecEnv``: each env a Ray actor with one CPU, anywhere on the cluster.
 
@@ -172,10 +174,10 @@ def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, basel
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     if n_envs == 1 and ray_address is None:
-        return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, baseline_alpha)])
+        return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, baseline_alpha, actions)])
     gym.make(env_id, **env_kwargs).close()
     worker_kwargs = {**env_kwargs, "progress": False, "train_if_missing": False}
-    factories = [EnvFactory(env_id, worker_kwargs, True, baseline_alpha) for _ in range(n_envs)]
+    factories = [EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions) for _ in range(n_envs)]
     if ray_address is not None:
         from .distributed import RayVecEnv
 

@@ -26,6 +26,7 @@ from envs.episodes import run_episode
 from .algos import ALGOS
 from .common import BEST_FILE, CONFIG_FILE, MODEL_FILE
 from .policy import BestPolicy, make_env_from_record
+from .relative_actions import actions_of_config, wrap_actions
 
 METRICS = ("reward", "accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops_ratio", "latency_ratio",
            "clamp_total")
@@ -57,7 +58,7 @@ def evaluate_run(run_dir: str | Path, test: bool = False, **env_overrides: Any) 
         model_path = run_dir / MODEL_FILE
         if model_path.is_file():
             model = ALGOS[cfg["algo"]].load(model_path, device="cpu")
-            reward, info = run_episode(env, model)
+            reward, info = run_episode(wrap_actions(env, actions_of_config(cfg)), model)
             out["agent"] = {**info, "reward": reward}
         if (run_dir / BEST_FILE).is_file():
             reward, info = run_episode(env, BestPolicy.load(run_dir / BEST_FILE))

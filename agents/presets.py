@@ -23,11 +23,12 @@ from .algos import ALGOS, ON_POLICY
 from .bounded_policy import BoundedMlpPolicy
 from .episode_reward import EpisodeRewardReplayBuffer
 from .noise import TruncatedNormalActionNoise
+from .relative_actions import check_actions
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 EXTRA_KEYS = {
-    "on": ("policy", "n_steps_episodes", "episode_reward", "baseline_alpha"),
-    "off": ("policy", "warmup_episodes", "noise", "episode_reward", "baseline_alpha"),
+    "on": ("policy", "actions", "n_steps_episodes", "episode_reward", "baseline_alpha"),
+    "off": ("policy", "actions", "warmup_episodes", "noise", "episode_reward", "baseline_alpha"),
 }
 # set by the trainer itself, never by a preset
 RESERVED = ("env", "seed", "tensorboard_log", "_init_setup_model", "verbose")
@@ -104,6 +105,7 @@ class Resolved:
     """SB3 constructor kwargs plus what the trainer does around them."""
 
     kwargs: dict[str, Any]
+    actions: str = "absolute"  # "relative": the envs are wrapped in RelativeActions
     episode_reward: bool = False
     baseline_alpha: float = 0.5
     record: dict[str, Any] = field(default_factory=dict)  # yaml-safe view of the resolved hyperparameters
@@ -116,6 +118,7 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
     record: dict[str, Any] = {}
     episode_reward = bool(hp.pop("episode_reward", False))
     alpha = float(hp.pop("baseline_alpha", 0.5))
+    actions = check_actions(hp.pop("actions", "absolute"))
     hp.setdefault("policy", "MlpPolicy")
     record["policy"] = getattr(hp["policy"], "__name__", hp["policy"])
     if isinstance(hp["policy"], str):
@@ -165,8 +168,8 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
             hp["action_noise"] = make_noise(noise, action_dim, episode_len, n_envs,
                                             int(hp.get("learning_starts", _default_of(algo, "learning_starts"))))
     record.update({k: v for k, v in hp.items() if k not in ("action_noise", "policy")})
-    record["episode_reward"], record["baseline_alpha"] = episode_reward, alpha
-    return Resolved(kwargs=hp, episode_reward=episode_reward, baseline_alpha=alpha, record=record)
+    record["episode_reward"], record["baseline_alpha"], record["actions"] = episode_reward, alpha, actions
+    return Resolved(kwargs=hp, actions=actions, episode_reward=episode_reward, baseline_alpha=alpha, record=record)
 
 
 def make_noise(spec: dict[str, Any], action_dim: int, episode_len: int, n_envs: int, learning_starts: int):

@@ -56,6 +56,7 @@ from .common import (
     write_yaml,
 )
 from .presets import check_keys, get_preset, load_presets, resolve
+from .relative_actions import check_actions
 
 DEFAULT_EPISODES = 100
 
@@ -128,6 +129,7 @@ def train(
     hp.update(overrides)
     if episode_reward is not None:
         hp["episode_reward"] = bool(episode_reward)
+    actions = check_actions(hp.get("actions", "absolute"))
     run_dir = check_writable_dir(out if out is not None else default_run_dir(algo, env_id, seed))
     for stale in (BEST_FILE, MODEL_FILE):
         (run_dir / stale).unlink(missing_ok=True)
@@ -135,7 +137,7 @@ def train(
     er = bool(hp.get("episode_reward", False))
     alpha = float(hp.get("baseline_alpha", 0.5))
     vec_env = make_vec_env(env_id, env_kwargs, n_envs, baseline_alpha=alpha if er and algo in ON_POLICY else None,
-                           ray_address=ray_address)
+                           ray_address=ray_address, actions=actions)
     try:
         attrs = {k: vec_env.get_attr(k, indices=0)[0]
                  for k in ("n_groups", "min_keep", "mode", "budget", "target", "round_to", "storage_budget")}

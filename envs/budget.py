@@ -142,6 +142,13 @@ class CostModel:
         plan = lambda s: np.clip(s * r, self.min_keep, 1.0)  # noqa: E731
         return plan(self.fit_parameter(lambda s: (plan(s), None), 0.0, 1.0 / r.min(), budget))
 
+    def even_ratio(self, t: int, kept: Sequence[int]) -> float:
+        """The keep ratio that, given to every group from ``t`` on (``kept[:t]`` decided, runtime ratio 1), spends
+        the budget: the largest such ratio within it (``min_keep`` when even that does not fit)."""
+        done = [k / c for k, c in zip(kept[:t], self.k_full)]
+        n_rest = len(self.k_full) - t
+        return self.fit_parameter(lambda u: (done + [u] * n_rest, None), self.min_keep, 1.0)
+
     def fill(self, kept: Sequence[int]) -> list[int]:
         """Static counts ``kept`` (within the budget) scaled up by the largest common factor that stays within it
         (``fit_to_budget`` on their ratios, never below them), repeated until the counts stop changing, so that

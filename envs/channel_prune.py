@@ -186,6 +186,13 @@ class ChannelPruneEnv(gym.Env):
         """Kept channel indices per group for counts ``kept`` (default: this episode's)."""
         return self.problem.kept_channels(self._kept if kept is None else kept)
 
+    def even_keep_ratio(self) -> float:
+        """The keep ratio that, given to this step's group and every later one, spends the budget with the earlier
+        groups as decided (``CostModel.even_ratio``): what a uniform allocation of what is left would ask for."""
+        if self._t is None or self._t >= self.n_groups:
+            raise RuntimeError("even_keep_ratio() is defined during an episode: call env.reset() first")
+        return self.cost.even_ratio(self._t, self._kept)
+
     def build_pruned(self, kept: Sequence[int] | None = None, rt: Sequence[int] | None = None,
                      sparse: bool = False) -> nn.Module:
         """The pruned network for counts ``kept`` and runtime counts ``rt`` (each defaults to this episode's):

@@ -27,6 +27,7 @@ from agents.evaluate import evaluate_run
 from agents.noise import TruncatedNormalActionNoise
 from agents.policy import BestPolicy, make_env_from_best
 from agents.presets import get_preset, load_presets, resolve
+from agents.relative_actions import RelativeActions
 from agents.train import train
 from envs.cli import parse_key_values
 from envs.data import DatasetSplits, Split
@@ -92,6 +93,16 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+class Constant:
+    """A policy that plays one action at every step."""
+
+    def __init__(self, a: float):
+        self.a = np.array([a], dtype=np.float32)
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        return self.a, None
+
+
 # ---------------------------------------------------------------------------------------------- every algorithm
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_each_algo_trains_saves_reloads_predicts(algo, small_kwargs, tmp_path):
@@ -149,14 +160,6 @@ def _random_mean(kwargs: dict, episodes: int = 20, seed: int = 0) -> float:
 def _constant_best(kwargs: dict) -> float:
     """The best reward of a policy that plays one action at every step (a grid of 21 actions)."""
     env = gym.make(ENV_ID, **kwargs)
-
-    class Constant:
-        def __init__(self, a: float):
-            self.a = np.array([a], dtype=np.float32)
-
-        def predict(self, obs, deterministic=True):
-            return self.a, None
-
     return max(run_episode(env, Constant(a))[0] for a in np.linspace(-1, 1, 21))
 
 
@@ -303,6 +306,7 @@ def _no_env(*args, **kwargs):
     (("ddpg", ENV_ID), {"n_steps_episodes": 2}, r"'n_steps_episodes'.*warmup_episodes"),
     (("ppo", ENV_ID), {"policy": "TanhPolicy"}, r"policy='TanhPolicy'.*MlpPolicy, BoundedMlpPolicy"),
     (("ddpg", ENV_ID), {"policy": "BoundedMlpPolicy"}, r"policy='BoundedMlpPolicy'.*algo='ddpg'.*MlpPolicy"),
+    (("ppo", ENV_ID), {"actions": "sideways"}, r"actions='sideways'.*absolute, relative"),
 ])
 def test_bad_inputs_fail_before_building(args, kwargs, match, monkeypatch, tmp_path):
     monkeypatch.setattr(train_mod, "make_vec_env", _no_env)
@@ -377,6 +381,34 @@ def test_bounded_policy_keeps_its_mean_inside_the_action_bounds(algo, tmp_path):
     assert isinstance(again.policy, BoundedMlpPolicy)
     o = obs[:1].numpy()
     assert np.array_equal(again.predict(o, deterministic=True)[0], model.predict(o, deterministic=True)[0])
+
+
+def test_relative_actions_zero_is_the_even_plan_and_a_common_shift_moves_budget_forward():
+    env = gym.make(ENV_ID, **synthetic_kwargs())  # budget 0.25; groups of 16 and 128 channels
+    cost = env.unwrapped.cost
+    even = cost.fit_to_budget(np.ones(env.unwrapped.n_groups))  # the uniform plan that spends the budget
+    zero = run_episode(RelativeActions(env), Constant(0.0))[1]
+    assert np.allclose(zero["keep_ratios"], even, atol=1 / 16 + 1e-9)  # up to one channel of rounding
+    assert 0.25 - 0.02 < zero["flops_ratio"] <= 0.25 + 1e-9
+    # with the env's own actions a common shift is one more constant plan; here it moves budget to early groups
+    shifted = run_episode(RelativeActions(env), Constant(0.5))[1]["keep_ratios"]
+    assert shifted[0] > zero["keep_ratios"][0] + 0.2 and shifted[-1] < zero["keep_ratios"][-1] - 0.1
+    # the env records the plan in its own terms: replaying its ratios without the wrapper gives the same network
+    again = run_episode(env, BestPolicy(zero["keep_ratios"], env.unwrapped.min_keep))[1]
+    assert again["kept_counts"] == zero["kept_counts"] and again["accuracy"] == zero["accuracy"]
+
+
+def test_a_run_trained_with_relative_actions_is_evaluated_through_them(tmp_path):
+    kwargs = synthetic_kwargs()
+    run = train("ppo", ENV_ID, kwargs, episodes=4, seed=0, out=tmp_path, progress=False, tensorboard=False,
+                n_steps_episodes=2, actions="relative")
+    assert yaml.safe_load((run / "config.yaml").read_text())["hyperparams"]["actions"] == "relative"
+    model = ALGOS["ppo"].load(run / "model.zip", device="cpu")
+    through = run_episode(RelativeActions(gym.make(ENV_ID, **kwargs)), model)[1]["kept_counts"]
+    direct = run_episode(gym.make(ENV_ID, **kwargs), model)[1]["kept_counts"]
+    assert through != direct  # the premise: the wrapper changes what this policy's actions ask for
+    skipped = {k: kwargs[k] for k in ("model", "data")}
+    assert evaluate_run(run, **skipped)["agent"]["kept_counts"] == through
 
 
 # ---------------------------------------------------------------------------------------------- AMC noise

@@ -51,8 +51,10 @@ from typing import Sequence
 
 import gymnasium as gym
 import numpy as np
+import yaml
 
 import envs  # noqa: F401 - registers the ids
+from agents.relative_actions import wrap_actions
 from envs.cli import parse_key_values
 from envs.cost import compare_latency, measure_latency
 from envs.episodes import run_episode
@@ -182,7 +184,7 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
                                       cell.seed)
                 return [{**row, "status": "ok", "seed": cell.seed, "search_seconds": search_s, **where}]
             policy.setup()
-            plays = [(cell.name, policy.eval_env, policy, getattr(policy, "evaluations", 1))]
+            plays = [(cell.name, policy.eval_env, policy, getattr(policy, "evaluations", 1), "absolute")]
             if getattr(policy, "history", None):  # a search: its evaluations are curves next to the agents'
                 write_search_curve(policy.history, Path(job.out) / "agents" / f"{cell.name}-b{cell.budget:g}"
                                    f"-s{cell.seed}")
@@ -190,12 +192,12 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
             plays = agent_plays(cell.name, job.env_id, env, job.env_kwargs, cell.budget, job.episodes, cell.seed,
                                 Path(job.out), job.agent_runs.get(cell.name), job.progress)
         search_s = time.perf_counter() - t0
-        for method, run_env, policy, evaluations in plays:
+        for method, run_env, policy, evaluations, actions in plays:
             if method not in cell.methods:
                 continue
             if run_env.screen is not None:  # a row's reward accuracy is always the whole split's, never raced
                 run_env = run_env.derive(screen_size=None)
-            info = run_episode(run_env, policy, seed=0)[1]
+            info = run_episode(wrap_actions(run_env, actions), policy, seed=0)[1]
             row = _row_from_info(method, cell.kind, cell.budget, info)
             row.update(evaluate_plan(run_env, info, job.finetune_steps, job.progress, cell.seed, job.latency,
                                      job.latency_rounds))
@@ -449,11 +451,13 @@ def unpruned_row(env, latency: str = "device") -> dict:
 
 def agent_plays(algo: str, env_id: str, env, env_kwargs: dict, budget: float, episodes: int, seed: int, out: Path,
                 run_dir: str | None, progress: bool) -> list[tuple]:
-    """An agent's two rows: ``algo``, its final policy played deterministically, and ``algo_best``, the best of
-    its training episodes by reward-split accuracy (``best.json``). Trained here unless ``run_dir`` has one."""
+    """An agent's two rows: ``algo``, its final policy played deterministically (through ``RelativeActions`` when
+    it was trained so), and ``algo_best``, the best of its training episodes by reward-split accuracy
+    (``best.json``). Trained here unless ``run_dir`` has one."""
     from agents.algos import ALGOS
-    from agents.common import BEST_FILE, EPISODES_FILE, MODEL_FILE
+    from agents.common import BEST_FILE, CONFIG_FILE, EPISODES_FILE, MODEL_FILE
     from agents.policy import BestPolicy
+    from agents.relative_actions import actions_of_config
     from agents.train import train as train_agent
 
     if run_dir is None or not (Path(run_dir) / BEST_FILE).exists():
@@ -464,7 +468,8 @@ def agent_plays(algo: str, env_id: str, env, env_kwargs: dict, budget: float, ep
     best = BestPolicy.load(run_dir / BEST_FILE)
     with open(run_dir / EPISODES_FILE, newline="") as f:
         evaluations = len(list(csv.DictReader(f)))  # episodes the agent ran: its reward-split evaluations
-    return [(algo, env, final, evaluations), (f"{algo}_best", env, best, evaluations)]
+    actions = actions_of_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))  # how the final policy acts
+    return [(algo, env, final, evaluations, actions), (f"{algo}_best", env, best, evaluations, "absolute")]
 
 
 def _f(v, fmt="{:.4f}") -> str:

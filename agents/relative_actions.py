@@ -1,0 +1,63 @@
+"""Relative actions: the agent asks for a keep ratio as a factor of what a uniform allocation would give.
+
+With the env's own (absolute) actions and ``budget_mode="fill"``, only the groups' ratios relative to each other
+matter: the fill rescales the plan, so moving every action together changes little, nothing pulls the policy's
+mean back along that direction, and PPO's means were measured to drift to the action bounds, where the clipped
+actions stop carrying what the policy learned (README, "Keeping PPO's mean inside the action bounds").
+
+``RelativeActions`` removes that direction. At step ``t`` the env's ``even_keep_ratio()`` is the ratio that,
+given to this group and every later one, spends the budget with the earlier groups as decided. The agent's
+action ``a`` in [-1, 1] asks for ``even * SPREAD**a`` (clipped to ``[min_keep, 1]``), so ``a = 0`` at every step
+is the uniform plan, and a common shift of all actions moves budget from the later groups to the earlier ones
+instead of cancelling out. The env still applies its wall (and fill), and it records the plan in its own terms,
+so ``best.json``, replays and baselines are unchanged. In runtime mode the second component (the runtime ratio)
+passes through as it is.
+
+A model trained with ``actions: relative`` (a preset key of ``agents/presets.yaml``) acts through this wrapper:
+``agents.evaluate`` re-applies it from the run's ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+from envs.budget import action_of_ratio
+
+ACTIONS = ("absolute", "relative")
+SPREAD = 3.0  # a = +1 asks for 3x the even ratio, a = -1 for a third of it
+
+
+def check_actions(actions: str) -> str:
+    if actions not in ACTIONS:
+        raise ValueError(f"actions={actions!r} is not allowed; allowed: {', '.join(ACTIONS)}")
+    return actions
+
+
+class RelativeActions(gym.ActionWrapper):
+    """Map an action in [-1, 1] to the env's action asking for ``even_keep_ratio() * SPREAD**a`` (component 0)."""
+
+    def __init__(self, env: gym.Env, spread: float = SPREAD):
+        super().__init__(env)
+        if not (isinstance(spread, (int, float)) and spread > 1):
+            raise ValueError(f"spread={spread!r} must be a number > 1 (the factor a = +1 asks for)")
+        self.spread = float(spread)
+
+    def action(self, action):
+        a = np.asarray(action, dtype=np.float64).reshape(-1).copy()
+        if not np.all(np.isfinite(a)):
+            return a  # the env names the bad action
+        base = self.env.unwrapped
+        ratio = base.even_keep_ratio() * self.spread ** float(np.clip(a[0], -1.0, 1.0))
+        a[0] = action_of_ratio(min(1.0, max(base.min_keep, ratio)), base.min_keep)
+        return a
+
+
+def actions_of_config(config: dict) -> str:
+    """The ``actions`` a run of ``agents.train`` was trained with, from its ``config.yaml`` (older runs: absolute)."""
+    return check_actions((config.get("hyperparams") or {}).get("actions", "absolute"))
+
+
+def wrap_actions(env: gym.Env, actions: str) -> gym.Env:
+    """``env`` itself for ``"absolute"``, ``RelativeActions(env)`` for ``"relative"``."""
+    return RelativeActions(env) if check_actions(actions) == "relative" else env
