@@ -54,7 +54,7 @@ class RelativeActions(gym.ActionWrapper):
 
 
 def actions_of_config(config: dict) -> str:
-    """The ``actions`` a run of ``agents.train`` was trained with, from its ``config.yaml`` (older runs: absolute)."""
+    """The ``actions`` a run of ``agents.train`` used, from its ``config.yaml`` (older runs: absolute)."""
     return check_actions((config.get("hyperparams") or {}).get("actions", "absolute"))
 
 
