@@ -51,7 +51,9 @@ class ChannelPruneEnv(gym.Env):
     by the largest common factor that stays within the budget (``CostModel.fill``, the scaling random search
     applies to its draws), so every plan spends the budget and the actions decide only how it is shared among
     the groups; ``info["keep_ratios"]`` is the filled plan and ``info["fill_total"]`` what the fill added.
-    Residual-stream groups have no runtime gate: their runtime ratio is ignored (always 1).
+    Residual-stream groups have no runtime gate: their runtime ratio is ignored (always 1). During an episode
+    ``env.even_keep_ratio()`` is the ratio that, asked of this group and every later one, spends the budget
+    (``agents.relative_actions.RelativeActions`` lets an agent act relative to it).
 
     ## Observation Space
 
