@@ -20,7 +20,7 @@ from stable_baselines3.common.noise import NormalActionNoise
 from torch import nn
 
 from .algos import ALGOS, ON_POLICY
-from .bounded_policy import BoundedMlpPolicy
+from .bounded_policy import BetaMlpPolicy, BoundedMlpPolicy
 from .episode_reward import EpisodeRewardReplayBuffer
 from .noise import TruncatedNormalActionNoise
 from .relative_actions import check_actions
@@ -35,7 +35,7 @@ RESERVED = ("env", "seed", "tensorboard_log", "_init_setup_model", "verbose")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
 NOISES = ("truncated_normal", "normal")
 # a preset's ``policy``: SB3's own names, plus ours for on-policy algos (a class is passed through as it is)
-POLICIES = {"on": {"MlpPolicy": "MlpPolicy", "BoundedMlpPolicy": BoundedMlpPolicy},
+POLICIES = {"on": {"MlpPolicy": "MlpPolicy", "BoundedMlpPolicy": BoundedMlpPolicy, "BetaMlpPolicy": BetaMlpPolicy},
             "off": {"MlpPolicy": "MlpPolicy"}}
 
 

@@ -20,7 +20,7 @@ import envs  # noqa: F401  (registers the ids)
 from agents import evaluate as evaluate_mod
 from agents import train as train_mod
 from agents.algos import ALGOS, ON_POLICY
-from agents.bounded_policy import BoundedMlpPolicy
+from agents.bounded_policy import BetaDistribution, BetaMlpPolicy, BoundedMlpPolicy
 from agents.common import EnvFactory, split_serializable
 from agents.episode_reward import EpisodeBaselineWrapper, EpisodeRewardReplayBuffer
 from agents.evaluate import evaluate_run
@@ -304,7 +304,7 @@ def _no_env(*args, **kwargs):
     (("ppo", ENV_ID), {"seed": -1}, r"seed=-1"),
     (("ppo", ENV_ID), {"learning_rat": 1e-3}, r"'learning_rat'.*learning_rate"),
     (("ddpg", ENV_ID), {"n_steps_episodes": 2}, r"'n_steps_episodes'.*warmup_episodes"),
-    (("ppo", ENV_ID), {"policy": "TanhPolicy"}, r"policy='TanhPolicy'.*MlpPolicy, BoundedMlpPolicy"),
+    (("ppo", ENV_ID), {"policy": "TanhPolicy"}, r"policy='TanhPolicy'.*MlpPolicy, BoundedMlpPolicy, BetaMlpPolicy"),
     (("ddpg", ENV_ID), {"policy": "BoundedMlpPolicy"}, r"policy='BoundedMlpPolicy'.*algo='ddpg'.*MlpPolicy"),
     (("ppo", ENV_ID), {"actions": "sideways"}, r"actions='sideways'.*absolute, relative"),
 ])
@@ -409,6 +409,34 @@ def test_a_run_trained_with_relative_actions_is_evaluated_through_them(tmp_path)
     assert through != direct  # the premise: the wrapper changes what this policy's actions ask for
     skipped = {k: kwargs[k] for k in ("model", "data")}
     assert evaluate_run(run, **skipped)["agent"]["kept_counts"] == through
+
+
+def test_beta_policy_acts_inside_the_bounds_with_the_right_density(tmp_path):
+    dist = BetaDistribution(1).proba_distribution(torch.tensor([[0.0, 0.0]]))
+    a, b = dist.distribution.concentration1.item(), dist.distribution.concentration0.item()
+    assert a == b == pytest.approx(1 + np.log(2))  # softplus(0): a symmetric start, mode at action 0
+    draws = dist.proba_distribution(torch.zeros(4000, 2)).sample()
+    assert ((draws > -1) & (draws < 1)).all() and abs(draws.mean().item()) < 0.05  # nothing left to clip
+    x = torch.tensor([[-0.5], [0.25]])
+    want = torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).log_prob((x[:, 0] + 1) / 2) - np.log(2)
+    assert torch.allclose(dist.proba_distribution(torch.zeros(2, 2)).log_prob(x), want)
+    skewed = dist.proba_distribution(torch.log(torch.expm1(torch.tensor([[2.0, 1.0]]))))  # Beta(3, 2): mode 2/3
+    assert skewed.mode().item() == pytest.approx(2 * 2 / 3 - 1)
+
+    res = resolve("ppo", {**get_preset("ppo", ENV_ID), "policy": "BetaMlpPolicy"}, 12, 1, 1)
+    assert res.kwargs["policy"] is BetaMlpPolicy and res.record["policy"] == "BetaMlpPolicy"
+    env = gym.make(ENV_ID, **synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5))
+    model = ALGOS["ppo"](BetaMlpPolicy, env, seed=0, device="cpu", n_steps=24, batch_size=12)
+    model.learn(48)
+    assert not hasattr(model.policy, "log_std") and model._n_updates > 0
+    obs = np.stack([env.observation_space.sample() for _ in range(8)])
+    acts, _ = model.predict(obs, deterministic=True)
+    assert np.all(np.abs(acts) < 1)
+    model.save(tmp_path / "model.zip")
+    again = ALGOS["ppo"].load(tmp_path / "model.zip", device="cpu")
+    assert np.array_equal(again.predict(obs, deterministic=True)[0], acts)
+    with pytest.raises(ValueError, match=r"BetaMlpPolicy needs a Box action space with bounds \[-1, 1\]"):
+        ALGOS["ppo"](BetaMlpPolicy, "Pendulum-v1", device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------- AMC noise
