@@ -304,7 +304,7 @@ def _no_env(*args, **kwargs):
     (("ppo", ENV_ID), {"seed": -1}, r"seed=-1"),
     (("ppo", ENV_ID), {"learning_rat": 1e-3}, r"'learning_rat'.*learning_rate"),
     (("ddpg", ENV_ID), {"n_steps_episodes": 2}, r"'n_steps_episodes'.*warmup_episodes"),
-    (("ppo", ENV_ID), {"policy": "TanhPolicy"}, r"policy='TanhPolicy'.*MlpPolicy, BoundedMlpPolicy, BetaMlpPolicy"),
+    (("ppo", ENV_ID), {"policy": "TanhPolicy"}, r"policy='TanhPolicy'.*BoundedMlpPolicy, BetaMlpPolicy"),
     (("ddpg", ENV_ID), {"policy": "BoundedMlpPolicy"}, r"policy='BoundedMlpPolicy'.*algo='ddpg'.*MlpPolicy"),
     (("ppo", ENV_ID), {"actions": "sideways"}, r"actions='sideways'.*absolute, relative"),
 ])
