@@ -20,7 +20,8 @@ presets keep ``MlpPolicy``; this class is the ablation's other arm.
 log-probabilities are those of the actions the env receives. A clipped Gaussian's mean near a bound gets
 almost no gradient (and clipping biases it toward the bound); a Beta's concentrations keep one. Both
 concentrations are ``1 + softplus`` of the action head, so the density is unimodal, and the deterministic action
-is its mode.
+is its mode. Measured (README, "Relative actions"; a 2-seed pilot with ``actions: relative``): it converges
+instead of drifting, but onto corner plans too; not in the presets.
 """
 
 from __future__ import annotations
