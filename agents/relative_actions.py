@@ -15,6 +15,10 @@ passes through as it is.
 
 A model trained with ``actions: relative`` (a preset key of ``agents/presets.yaml``) acts through this wrapper:
 ``agents.evaluate`` re-applies it from the run's ``config.yaml``.
+
+Measured (README, "Relative actions"; PPO, 3 seeds x 300 episodes, budget 0.3): a tie with random search, and
+the policies' means still end at the bounds (in 2 of 3 seeds "-1 everywhere"), so the presets keep absolute
+actions; this is the ablation's other arm.
 """
 
 from __future__ import annotations
