@@ -42,11 +42,11 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
+from .gates import check_gate_training, fit_runtime_predictor, train_gates_end_to_end
 from .groups import GroupGraph, channel_dim
 from .paths import atomic_save
 
@@ -360,91 +360,6 @@ def train_static_predictor(
     return state, report
 
 
-# ------------------------------------------------------------------------------------------- runtime predictor
-def gate_layout(graph: GroupGraph) -> list[tuple[int, str, str, str] | None]:
-    """Per group: (group index, producer conv, its BN, consumer conv) if the group can be gated at run time.
-
-    Gated: a conv -> BN -> conv chain whose consumer reads exactly this group's channels and whose producer reads
-    the image or exactly one group (the gate's weights are sliced by that group's kept channels). Groups inside a
-    concatenation (DenseNet, Inception), squeeze-excitation convs without a BN, linear layers and depthwise
-    groups are left ungated (runtime ratio 1)."""
-    mods = dict(graph.model.named_modules())
-    out = []
-    for g in graph.groups:
-        ok = (g.kind == "internal" and len(g.producers) == 1 and len(g.consumers) == 1 and len(g.bns) == 1
-              and not g.depthwise and not g.shared and isinstance(mods[g.producers[0]], nn.Conv2d)
-              and isinstance(mods[g.consumers[0]], nn.Conv2d) and mods[g.consumers[0]].groups == 1
-              and graph.is_exact_reader(g.consumers[0], g.index))
-        if ok:
-            reads = graph.input_groups(g.producers[0])
-            ok = not reads or (len(reads) == 1 and graph.is_exact_reader(g.producers[0], reads[0]))
-        out.append((g.index, g.producers[0], g.bns[0], g.consumers[0]) if ok else None)
-    return out
-
-
-@torch.no_grad()
-def collect_gate_data(model: nn.Module, graph: GroupGraph, x: torch.Tensor, batch_size: int = 256):
-    """Per gated group: GAP of the producer's input (N, C_in) and post-ReLU output saliency (N, C_out), on the CPU
-    (the forward passes run wherever ``model`` is)."""
-    dev = next(model.parameters()).device
-    layout = gate_layout(graph)
-    mods = dict(model.named_modules())
-    ins: dict[int, list] = {i: [] for i, v in enumerate(layout) if v}
-    outs: dict[int, list] = {i: [] for i, v in enumerate(layout) if v}
-    hooks = []
-    for i, v in enumerate(layout):
-        if not v:
-            continue
-        _, prod, bn, _ = v
-        hooks.append(mods[prod].register_forward_pre_hook(
-            lambda m, inp, i=i: ins[i].append(inp[0].mean((2, 3)).float().cpu())))
-        hooks.append(mods[bn].register_forward_hook(
-            lambda m, inp, out, i=i: outs[i].append(out.clamp_min(0).mean((2, 3)).float().cpu())))
-    was = model.training
-    model.eval()
-    try:
-        for j in range(0, len(x), batch_size):
-            model(x[j : j + batch_size].to(dev))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    return {i: (torch.cat(ins[i]), torch.cat(outs[i])) for i in ins}
-
-
-def fit_runtime_predictor(
-    ctx: ImportanceContext, fit_images: int = 2048, ridge: float = 1e-2, progress: bool = True
-) -> tuple[dict, dict]:
-    """Fit one linear gate per gated group by ridge regression; report per-input Spearman on the calib split."""
-    src = ctx.train if ctx.train is not None else ctx.calib
-    x_fit = src.x[:fit_images]
-    if progress:
-        print(f"fitting runtime importance gates on {len(x_fit)} images ...", file=sys.stderr)
-    fit = collect_gate_data(ctx.model, ctx.graph, x_fit)
-    val = collect_gate_data(ctx.model, ctx.graph, ctx.calib.x)
-    state: dict = {}
-    rhos, rhos_static = [], []
-    for i, (xin, yout) in fit.items():
-        xa = torch.cat([xin, torch.ones(len(xin), 1)], 1).double()
-        reg = ridge * torch.eye(xa.shape[1], dtype=torch.float64) * xa.pow(2).mean()
-        reg[-1, -1] = 0
-        w = torch.linalg.solve(xa.T @ xa + reg * len(xa), xa.T @ yout.double())  # (C_in+1, C_out)
-        state[f"gate{i}.weight"] = w[:-1].T.float().contiguous()
-        state[f"gate{i}.bias"] = w[-1].float().contiguous()
-        vin, vout = val[i]
-        pred = vin @ state[f"gate{i}.weight"].T + state[f"gate{i}.bias"]
-        static = vout.mean(0, keepdim=True).expand_as(vout)  # a per-input-agnostic ranking, for comparison
-        per_in = [spearmanr(pred[n].numpy(), vout[n].numpy()).statistic for n in range(min(256, len(vout)))]
-        per_st = [spearmanr(static[n].numpy() + 1e-9 * np.arange(static.shape[1]), vout[n].numpy()).statistic
-                  for n in range(min(256, len(vout)))]
-        rhos.append(float(np.nanmean(per_in)))
-        rhos_static.append(float(np.nanmean(per_st)))
-    report = {"runtime_spearman_per_input": float(np.mean(rhos)) if rhos else float("nan"),
-              "runtime_spearman_static_ranking": float(np.mean(rhos_static)) if rhos_static else float("nan"),
-              "gated_groups": len(fit)}
-    return state, report
-
-
 # ------------------------------------------------------------------------------------------- cache
 def _structure_key(graph: GroupGraph) -> str:
     h = hashlib.sha1()
@@ -491,10 +406,13 @@ class ImportancePredictors:
     def load_or_train(
         cls, ctx: ImportanceContext, cache_path: Path | None, progress: bool = True, per_group: int = 4,
         images: int = 128, seed: int = 0, static: bool = True, runtime: bool = True,
+        runtime_gates: str = "ridge", gate_steps: int = 300,
     ) -> "ImportancePredictors":
         """The static predictor (when ``static``) and the runtime gates (when ``runtime``) of the checkpoint
         ``cache_path``: each loaded from its own cache file next to it, else trained and cached there (None: not
-        cached). ``seed`` picks the keep sets the static predictor measures and its MLP's initialisation."""
+        cached). ``seed`` picks the keep sets the static predictor measures and its MLP's initialisation.
+        ``runtime_gates="trained"`` trains the ridge gates end to end for ``gate_steps`` steps (``envs.gates``)."""
+        check_gate_training(runtime_gates, gate_steps)
         key = _structure_key(ctx.graph)
         stem = None if cache_path is None else str(cache_path)
         scores, gates, report = None, {}, {}
@@ -506,10 +424,18 @@ class ImportancePredictors:
             report.update({k: float(v) for k, v in blob["report"].items()})
         if runtime:
             path = None if stem is None else Path(f"{stem}.runtime-gates-{key}.pt")
-            blob = _cached(path, lambda: _as_blob(*_named_gates(fit_runtime_predictor(ctx, progress=progress))),
-                           "runtime gates")
+            fit_split = ctx.train if ctx.train is not None else ctx.calib
+            blob = _cached(path, lambda: _as_blob(*_named_gates(fit_runtime_predictor(
+                ctx.model, ctx.graph, fit_split, ctx.calib, progress=progress))), "runtime gates")
             gates = blob["gates"]
             report.update({k: float(v) for k, v in blob["report"].items()})
+            if runtime_gates == "trained":
+                path = None if stem is None else Path(f"{stem}.runtime-gates-trained-{key}-{gate_steps}.pt")
+                blob = _cached(path, lambda: _as_blob(*_named_gates(train_gates_end_to_end(
+                    ctx.model, ctx.graph, gates, fit_split, steps=gate_steps, device=ctx.device,
+                    progress=progress))), "trained runtime gates")
+                gates = blob["gates"]
+                report.update({k: float(v) for k, v in blob["report"].items()})
         return cls(scores, gates, report)
 
 

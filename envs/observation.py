@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .importance import ImportancePredictors, collect_gate_data
+from .gates import collect_gate_data
+from .importance import ImportancePredictors
 
 OBS_FEATURES = (
     "index", "is_residual", "c_in", "c_out", "stride", "kernel", "in_size", "group_macs", "reduced", "rest",

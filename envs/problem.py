@@ -26,8 +26,9 @@ from torch import nn
 from .budget import MODES, TARGETS, CostModel
 from .data import DatasetSplits, Split, load_dataset
 from .groups import GroupGraph
+from .gates import check_gate_training, gate_layout
 from .importance import (DEFAULT_SCORER, SCORERS, ImportanceContext, ImportancePredictors, Scorer,
-                         check_importance_samples, gate_layout, make_scorer)
+                         check_importance_samples, make_scorer)
 from .inference import inference_context, resolve_precision
 from .latency import LatencyTable
 from .machine import resolve_device
@@ -102,6 +103,8 @@ class PruningProblem:
         pretrain_epochs: int | None = None,
         pretrain_max_train: int | None = None,
         importance_samples: int = 4,
+        runtime_gates: str = "ridge",
+        gate_steps: int = 100,
         eval_batch_size: int = 250,
         eval_precision: str = "auto",
         device: str = "auto",
@@ -112,6 +115,7 @@ class PruningProblem:
         self.kwargs = {k: v for k, v in locals().items() if k in PROBLEM_KWARGS}
         check_settings(budget, target, mode, storage_budget, min_keep, round_to, scorer, compensate)
         check_importance_samples(importance_samples)  # checked even when no predictor is trained
+        check_gate_training(runtime_gates, gate_steps)
         self.mode, self.compensate, self.progress = mode, compensate, bool(progress)
         self.eval_batch_size = eval_batch_size
         self.device = resolve_device(device)
@@ -147,7 +151,8 @@ class PruningProblem:
         if scorer == "learned" or mode == "runtime":
             self.predictors = ImportancePredictors.load_or_train(
                 ctx, self.checkpoint_file, progress=progress, per_group=importance_samples,
-                static=scorer == "learned", runtime=mode == "runtime")
+                static=scorer == "learned", runtime=mode == "runtime", runtime_gates=runtime_gates,
+                gate_steps=gate_steps)
         self.scorer = make_scorer(scorer, self.predictors) if isinstance(scorer, str) else scorer
         self.static_scores = [np.asarray(s, dtype=np.float64) for s in self.scorer.scores(ctx)]
         for g, s in zip(self.groups, self.static_scores):
@@ -183,6 +188,19 @@ class PruningProblem:
         if self._features is not None:  # only the budget column changes
             out._features = self._features.copy()
             out._features[:, BUDGET] = out.cost.budget
+        return out
+
+    def with_gates(self, gates: dict) -> "PruningProblem":
+        """The same runtime-mode problem with other runtime gates (``"gate{i}.weight"`` / ``"gate{i}.bias"``
+        for the same gated groups, e.g. from ``envs.gates.train_gates_end_to_end``); nothing else is rebuilt."""
+        if self.mode != "runtime" or self.predictors is None:
+            raise ValueError(f"with_gates needs a problem built with mode='runtime' (this one: "
+                             f"mode={self.mode!r})")
+        if set(gates) != set(self.predictors.gates):
+            raise ValueError(f"gates has keys {sorted(gates)}; expected this problem's {sorted(self.predictors.gates)}")
+        out = copy.copy(self)
+        out.predictors = copy.copy(self.predictors)
+        out.predictors.gates = dict(gates)
         return out
 
     def derive(self, **overrides) -> "PruningProblem":

@@ -19,7 +19,8 @@ import envs.importance as importance
 from envs.cost import count_macs_per_module
 from envs.data import Split
 from envs.groups import GroupGraph
-from envs.importance import ImportanceContext, gate_layout, make_scorer
+from envs.gates import collect_gate_data, gate_layout
+from envs.importance import ImportanceContext, make_scorer
 from envs.models import build_model
 from envs.runtime import GateSpec, install_gates
 
@@ -287,7 +288,7 @@ def test_predictor_quality_report(make_env):
     # the runtime gate ranks each input's channels better than one dataset-wide ranking can
     assert rep["runtime_spearman_per_input"] > rep["runtime_spearman_static_ranking"] + 0.2
     # and the reported figure is what the gates achieve on the calibration split
-    data = importance.collect_gate_data(env.base_model, env.graph, env.data.calib.x[:64])
+    data = collect_gate_data(env.base_model, env.graph, env.data.calib.x[:64])
     rhos = []
     for i, (xin, sal) in data.items():
         pred = xin @ env.predictors.gates[f"gate{i}.weight"].T + env.predictors.gates[f"gate{i}.bias"]
