@@ -133,7 +133,8 @@ class ChannelPruneEnv(gym.Env):
     ``scores(ctx)``), ``importance_samples`` (keep sets the learned static predictor measures per group and keep
     ratio; 4), ``runtime_gates`` (runtime mode: "ridge", gates regressed onto activations, or "trained", then
     trained through the frozen network for ``gate_steps`` steps; ``envs.gates``), ``internal_only``,
-    ``compensate`` (None or a callable ``(graph, base_model, pruned, keep_idx)``, e.g. ``baselines.neuron_merging.merge_compensation``),
+    ``compensate`` (None or a callable ``(graph, base_model, pruned, keep_idx)``, e.g.
+    ``baselines.neuron_merging.merge_compensation``),
     ``eval_precision`` ("auto": bf16 autocast where the machine has fast bf16 kernels; "fp32"; "bf16"),
     ``device`` ("auto": CUDA when available, else CPU; "cpu"; "cuda:N": where evaluation, BN recalibration, gates
     and predictor training run; the base model stays on the CPU, never modified; see ``envs.machine``).

@@ -197,7 +197,8 @@ class PruningProblem:
             raise ValueError(f"with_gates needs a problem built with mode='runtime' (this one: "
                              f"mode={self.mode!r})")
         if set(gates) != set(self.predictors.gates):
-            raise ValueError(f"gates has keys {sorted(gates)}; expected this problem's {sorted(self.predictors.gates)}")
+            raise ValueError(f"gates has keys {sorted(gates)}; expected this problem's "
+                             f"{sorted(self.predictors.gates)}")
         out = copy.copy(self)
         out.predictors = copy.copy(self.predictors)
         out.predictors.gates = dict(gates)
