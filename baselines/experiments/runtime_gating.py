@@ -1,0 +1,218 @@
+"""Does per-input (runtime) gating keep more accuracy than static pruning at the same effective FLOPs?
+
+    python -m baselines.experiments.runtime_gating --env ChannelPrune-ResNet18-v0 --budgets 0.3 0.5 \\
+        --seeds 0 1 2 [--gate-steps 100] [--finetune-steps 200] [--device auto] --out results/runtime-gating
+
+Two plans at each effective-FLOPs budget F, both ranked by the env's static scorer:
+
+* ``static``: every group keeps the same share ``u`` of its channels, ``u`` the largest with FLOPs <= F;
+* ``runtime``: the residual-stream (ungated) groups keep the same share ``u`` statically; the gated
+  block-internal groups keep all their channels in storage and each input computes the share ``q`` of them
+  its gates rank highest, ``q`` the largest with effective FLOPs <= F (the gates' own MACs included).
+
+So the internal groups compute about as many channels per input in both plans; what differs is whether they are
+the same channels for every input. The runtime plan is run with two kinds of gates (``envs.gates``): ``ridge``
+(regressed onto activations, deterministic) and ``trained`` (trained end to end through the frozen network for
+``--gate-steps`` steps; one training per seed; ``--arms`` picks which are fine-tuned). Each plan's BatchNorm
+statistics are re-estimated on the calibration split and its accuracy measured on the test split; then the
+common fine-tune (``envs.finetune``, ``--finetune-steps`` steps, the seed) trains the network with the gates
+fixed, and the test accuracy is measured again. Seeds vary the gate training and the fine-tune; the static plan before fine-tuning is deterministic.
+
+The goal (issue 12): runtime mode at least 1 point above static at equal effective FLOPs at budget 0.3, with its
+whole interval over seeds. ``runtime-gating.md`` states whether it is met; ``runtime-gating.csv`` has one line per
+(budget, arm, seed, phase), written as each finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import gymnasium as gym
+
+import envs
+from envs.finetune import finetune
+from envs.gates import train_gates_end_to_end
+from envs.machine import backend
+from envs.problem import PruningProblem
+
+from .stats import CONFIDENCE, estimate
+
+ARMS = ("static", "ridge", "trained")
+GOAL_POINTS = 0.01
+GOAL_BUDGET = 0.3
+FIELDS = ("budget", "arm", "seed", "phase", "test_acc", "effective_flops", "params_ratio", "keep_static",
+          "runtime_ratio", "seconds")
+
+
+def equal_flops_plans(problem: PruningProblem) -> dict[str, tuple[list[int], list[int], float, float]]:
+    """The static and the runtime plan at ``problem``'s budget (module docstring): per arm the channel counts
+    (kept, computed per input), the static share ``u`` and the runtime share ``q``."""
+    cost, n = problem.cost, problem.n_groups
+    u = cost.fit_parameter(lambda v: ([v] * n, None), cost.min_keep, 1.0)
+    static = cost.plan_counts([u] * n)
+    storage = [1.0 if problem.gated[i] else u for i in range(n)]
+    q = cost.fit_parameter(lambda v: (storage, [v] * n), cost.min_keep, 1.0)
+    runtime = cost.plan_counts(storage, [q] * n)
+    return {"static": (*static, u, 1.0), "runtime": (*runtime, u, q)}
+
+
+def _accuracy(problem: PruningProblem, kept, rt, finetune_steps: int, seed: int, progress: bool) -> float:
+    net = problem.build_pruned(kept, rt)
+    problem.recalibrate_bn(net)
+    if finetune_steps:
+        finetune(net, problem.data, finetune_steps, seed=seed, progress=progress, device=problem.device)
+    return problem.evaluate(net, "test")[0]
+
+
+def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Path, arms: Sequence[str] = ARMS,
+            gate_steps: int = 100, finetune_steps: int = 200, env_kwargs: dict | None = None,
+            progress: bool = True) -> dict:
+    """Run the comparison (module docstring); writes ``runtime-gating.csv`` and ``runtime-gating.md`` into
+    ``out`` and returns the summary."""
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise ValueError(f"arms={list(arms)!r}: allowed {', '.join(ARMS)}")
+    if not budgets or any(not 0.0 < b < 1.0 for b in budgets):
+        raise ValueError(f"budgets={list(budgets)!r} must be effective-FLOPs budgets in (0, 1)")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={list(seeds)!r} must be distinct integers, at least one")
+    if not (isinstance(finetune_steps, int) and finetune_steps >= 0):
+        raise ValueError(f"finetune_steps={finetune_steps!r} must be an integer >= 0")
+    kwargs = {**(env_kwargs or {}), "mode": "runtime", "budget": budgets[0], "progress": progress}
+    base = gym.make(env_id, **kwargs).unwrapped.problem
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "runtime-gating.csv"
+    lines: list[dict] = []
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+
+        def record(budget, arm, seed, phase, acc, plan, problem, t0):
+            kept, rt, u, q = plan
+            r = problem.cost.ratios(kept, rt)
+            line = {"budget": budget, "arm": arm, "seed": seed, "phase": phase, "test_acc": acc,
+                    "effective_flops": r["effective"], "params_ratio": r["params"], "keep_static": u,
+                    "runtime_ratio": q, "seconds": time.perf_counter() - t0}
+            lines.append(line)
+            writer.writerow(line)
+            f.flush()
+            print(f"[runtime-gating] budget {budget} {arm} seed {seed} {phase}: {acc:.4f}", file=sys.stderr)
+
+        for budget in budgets:
+            problem = base.with_budget(budget)
+            plans = equal_flops_plans(problem)
+            for arm in ("static", "ridge"):  # deterministic before the fine-tune (and cheap): once each
+                plan = plans["static" if arm == "static" else "runtime"]
+                t0 = time.perf_counter()
+                record(budget, arm, None, "before", _accuracy(problem, *plan[:2], 0, 0, progress), plan, problem,
+                       t0)
+            for seed in seeds:
+                gated = {"ridge": problem}
+                if "trained" in arms:
+                    t0 = time.perf_counter()
+                    gates, _ = train_gates_end_to_end(problem.base_model, problem.graph, problem.predictors.gates,
+                                                      problem.data.train, steps=gate_steps, seed=seed,
+                                                      device=problem.device, progress=progress)
+                    gated["trained"] = problem.with_gates(gates)
+                    record(budget, "trained", seed, "before", _accuracy(gated["trained"], *plans["runtime"][:2], 0,
+                                                                        0, progress),
+                           plans["runtime"], problem, t0)
+                if not finetune_steps:
+                    continue
+                for arm in arms:
+                    plan = plans["static" if arm == "static" else "runtime"]
+                    t0 = time.perf_counter()
+                    acc = _accuracy(gated.get(arm, problem), *plan[:2], finetune_steps, seed, progress)
+                    record(budget, arm, seed, "after", acc, plan, problem, t0)
+    summary = summarize(lines)
+    write_markdown(summary, lines, out / "runtime-gating.md", env_id, base, gate_steps, finetune_steps)
+    return summary
+
+
+def summarize(lines: list[dict]) -> dict:
+    """Per (budget, arm, phase) the mean test accuracy and interval; per budget and phase each runtime arm's
+    difference to static (paired by seed after the fine-tune); whether the goal is met."""
+    est = {}
+    for key in {(line["budget"], line["arm"], line["phase"]) for line in lines}:
+        est[key] = estimate([line["test_acc"] for line in lines if (line["budget"], line["arm"], line["phase"])
+                             == key])
+    diffs = {}
+    for (budget, arm, phase) in est:
+        if arm == "static":
+            continue
+        static = {line["seed"]: line["test_acc"] for line in lines
+                  if (line["budget"], line["arm"], line["phase"]) == (budget, "static", phase)}
+        mine = [line for line in lines if (line["budget"], line["arm"], line["phase"]) == (budget, arm, phase)]
+        paired = [line["test_acc"] - static.get(line["seed"], static.get(None, float("nan"))) for line in mine]
+        diffs[budget, arm, phase] = estimate(paired)
+    goal = {phase: d.n >= 2 and d.low >= GOAL_POINTS for (b, arm, phase), d in diffs.items()
+            if b == GOAL_BUDGET and arm == "trained"}
+    return {"estimates": est, "differences": diffs, "goal_met": goal}
+
+
+def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, problem: PruningProblem,
+                   gate_steps: int, finetune_steps: int) -> None:
+    est, diffs = summary["estimates"], summary["differences"]
+    info = {(line["budget"], line["arm"]): line for line in lines}
+    md = [f"Runtime gating against static pruning at equal effective FLOPs on {env_id} "
+          f"({len(problem.data.test)} test images; {backend(problem.device).machine}). Gates trained for "
+          f"{gate_steps} steps; the common fine-tune for {finetune_steps} steps. Mean "
+          f"[{int(CONFIDENCE * 100)}% t interval] over seeds; a single value is deterministic.", "",
+          "| budget | arm | keep (static) | runtime share | eff. FLOPs | params | test acc before FT | vs static "
+          "| test acc after FT | vs static (paired) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for budget in sorted({b for b, _, _ in est}):
+        for arm in ARMS:
+            if (budget, arm) not in info:
+                continue
+            line = info[budget, arm]
+            cells = []
+            for phase in ("before", "after"):
+                e = est.get((budget, arm, phase))
+                d = diffs.get((budget, arm, phase))
+                cells += [e.text() if e else "-", d.text("{:+.4f}") if d else ""]
+            md.append(f"| {budget} | {arm} | {line['keep_static']:.3f} | {line['runtime_ratio']:.3f} | "
+                      f"{line['effective_flops']:.3f} | {line['params_ratio']:.3f} | " + " | ".join(cells) + " |")
+    for phase, met in summary["goal_met"].items():
+        md.append(f"\nGoal at budget {GOAL_BUDGET} ({phase} the fine-tune): trained gates at least "
+                  f"{100 * GOAL_POINTS:.0f} point above static with the whole interval: "
+                  f"**{'met' if met else 'not met'}**.")
+    path.write_text("\n".join(md) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from envs.cli import parse_key_values
+
+    p = argparse.ArgumentParser(prog="python -m baselines.experiments.runtime_gating", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="ChannelPrune-ResNet18-v0")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--gate-steps", type=int, default=100)
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--test-size", type=int, default=None, help="test images (default: the whole test split)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
+    p.add_argument("--out", default="results/runtime-gating")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        env_id = envs.resolve_env_id(args.env)
+        kwargs = {**parse_key_values(args.env_kwargs, "--env-kwargs"), "device": args.device}
+        if args.test_size is not None:
+            kwargs["test_size"] = args.test_size
+        compare(env_id, args.budgets, args.seeds, Path(args.out), args.arms, args.gate_steps, args.finetune_steps,
+                kwargs, progress=not args.no_progress)
+    except ValueError as exc:
+        p.error(str(exc))
+    print((Path(args.out) / "runtime-gating.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
