@@ -16,7 +16,8 @@ the same channels for every input. The runtime plan is run with two kinds of gat
 ``--gate-steps`` steps; one training per seed; ``--arms`` picks which are fine-tuned). Each plan's BatchNorm
 statistics are re-estimated on the calibration split and its accuracy measured on the test split; then the
 common fine-tune (``envs.finetune``, ``--finetune-steps`` steps, the seed) trains the network with the gates
-fixed, and the test accuracy is measured again. Seeds vary the gate training and the fine-tune; the static plan before fine-tuning is deterministic.
+fixed, and the test accuracy is measured again. Seeds vary the gate training and the fine-tune; the static plan
+before fine-tuning is deterministic.
 
 The goal (issue 12): runtime mode at least 1 point above static at equal effective FLOPs at budget 0.3, with its
 whole interval over seeds. ``runtime-gating.md`` states whether it is met; ``runtime-gating.csv`` has one line per
