@@ -139,7 +139,7 @@ def relaxed_topk(scores: torch.Tensor, k: int, temperature: float = TEMPERATURE)
     threshold = top.values[:, k - 1 : k + 1].mean(1, keepdim=True).detach()
     soft = torch.sigmoid((z - threshold) / temperature)
     hard = torch.zeros_like(z).scatter_(1, top.indices[:, :k], 1.0)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly the hard mask forward (x - x == 0)
 
 
 class GatedForTraining(nn.Module):

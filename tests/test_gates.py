@@ -1,0 +1,142 @@
+"""Runtime gates trained end to end (``envs.gates``, ``runtime_gates="trained"``) and the comparison of runtime
+gating with static pruning at equal effective FLOPs (``baselines.experiments.runtime_gating``)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+import torch
+
+import envs.importance as importance
+from envs.gates import relaxed_topk, train_gates_end_to_end
+
+from baselines.experiments import runtime_gating as rg
+
+
+def test_relaxed_topk_is_the_hard_topk_forward_with_a_gradient_backward():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 10, generator=gen, requires_grad=True)
+    mask = relaxed_topk(scores, 3)
+    hard = torch.zeros(4, 10).scatter_(1, scores.detach().topk(3, dim=1).indices, 1.0)
+    assert torch.equal(mask.detach(), hard)
+    weights = torch.randn(4, 10, generator=gen)
+    (mask * weights).sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+    # the channel whose inclusion lowers the loss most gets its score pushed up (gradient descent: -grad > 0)
+    i, j = divmod(int(weights.argmin()), 10)
+    assert scores.grad[i, j] < 0
+    assert torch.equal(relaxed_topk(scores, 10), torch.ones(4, 10))  # k = C keeps everything
+
+
+def test_trained_gates_keep_more_accuracy_than_ridge_gates(make_env):
+    """The same plan (nothing pruned statically, a share of every gated group computed per input), BN
+    recalibrated as the env does: gates trained through the network beat gates regressed onto activations."""
+    env = make_env(mode="runtime", budget=1.0)
+    problem = env.problem
+    ridge = problem.predictors.gates
+    trained, report = train_gates_end_to_end(problem.base_model, problem.graph, ridge, problem.data.train,
+                                             steps=80, seed=0, device="cpu", progress=False)
+    assert set(trained) == set(ridge) and report["gate_train_steps"] == 80
+    assert any(not torch.equal(trained[k], ridge[k]) for k in ridge)
+    better = problem.with_gates(trained)
+    kept = list(problem.cost.k_full)
+    for ratio in (0.3, 0.5):
+        rt = [max(1, round(ratio * k)) if problem.gated[i] else k for i, k in enumerate(kept)]
+        acc_ridge = problem.evaluate_plan(kept, rt)["accuracy"]
+        acc_trained = better.evaluate_plan(kept, rt)["accuracy"]
+        assert acc_trained > acc_ridge + 0.02, (ratio, acc_trained, acc_ridge)
+    assert problem.predictors.gates is ridge  # with_gates left the original problem alone
+
+
+def test_runtime_gates_trained_kwarg_trains_once_and_caches(tiny_setup, tmp_path, monkeypatch):
+    from envs.channel_prune import ChannelPruneEnv
+
+    ckpt = tmp_path / "copy.pt"
+    shutil.copy(tiny_setup[0], ckpt)
+    kwargs = dict(model="resnet20", width=0.5, checkpoint=str(ckpt), data=tiny_setup[1], progress=False,
+                  mode="runtime")
+    ridge = ChannelPruneEnv(**kwargs).predictors.gates
+    first = ChannelPruneEnv(**kwargs, runtime_gates="trained", gate_steps=5)
+    assert list(tmp_path.glob("copy.pt.runtime-gates-trained-*-5.pt"))
+    assert first.predictors.report["gate_train_steps"] == 5
+    assert any(not torch.equal(first.predictors.gates[k], ridge[k]) for k in ridge)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trained gates were retrained instead of loaded from the cache")
+
+    monkeypatch.setattr(importance, "train_gates_end_to_end", refuse)
+    second = ChannelPruneEnv(**kwargs, runtime_gates="trained", gate_steps=5)
+    for k in ridge:
+        assert torch.equal(first.predictors.gates[k], second.predictors.gates[k])
+
+
+@pytest.mark.parametrize("bad, match", [(dict(runtime_gates="magic"), "runtime_gates='magic'.*ridge, trained"),
+                                        (dict(gate_steps=0), "gate_steps=0")])
+def test_bad_gate_training_settings_are_refused_before_building(bad, match):
+    import gymnasium as gym
+
+    with pytest.raises(ValueError, match=match):
+        gym.make("ChannelPrune-ResNet18-v0", mode="runtime", **bad)
+
+
+def test_with_gates_needs_runtime_mode_and_the_same_gated_groups(make_env):
+    with pytest.raises(ValueError, match="mode='runtime'"):
+        make_env().problem.with_gates({})
+    problem = make_env(mode="runtime").problem
+    with pytest.raises(ValueError, match="expected this problem's"):
+        problem.with_gates({"gate0.weight": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------------------------------- the comparison
+def test_equal_flops_plans_differ_only_in_how_the_gated_groups_are_cut(make_env):
+    problem = make_env(mode="runtime", budget=0.5).problem
+    plans = rg.equal_flops_plans(problem)
+    (ks, rs, u, _), (kr, rr, u2, q) = plans["static"], plans["runtime"]
+    assert u == u2 and 0.1 < q < 1
+    for i, g in enumerate(problem.gated):
+        if g:  # whole in storage, a share per input
+            assert kr[i] == problem.cost.k_full[i] and rr[i] < kr[i]
+        else:  # the same static cut in both plans
+            assert kr[i] == ks[i] == rr[i]
+    for kept, rt in ((ks, rs), (kr, rr)):
+        assert problem.cost.ratios(kept, rt)["effective"] <= 0.5 + 1e-6
+    # both spend most of the budget (the tiny net's few channels round it down)
+    assert problem.cost.ratios(ks, rs)["effective"] > 0.4 and problem.cost.ratios(kr, rr)["effective"] > 0.4
+
+
+def test_compare_writes_every_arm_and_judges_the_goal(tiny_gym_kwargs, tmp_path):
+    out = tmp_path / "rg"
+    summary = rg.compare("ChannelPrune-ResNet20-v0", [0.5], [0, 1], out, arms=("static", "trained"),
+                         gate_steps=3, finetune_steps=2, env_kwargs={**tiny_gym_kwargs, "device": "cpu"},
+                         progress=False)
+    with open(out / "runtime-gating.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    got = sorted((r["arm"], r["seed"], r["phase"]) for r in lines)
+    assert got == sorted([("static", "", "before"), ("ridge", "", "before"), ("trained", "0", "before"),
+                          ("trained", "1", "before"), ("static", "0", "after"), ("static", "1", "after"),
+                          ("trained", "0", "after"), ("trained", "1", "after")])
+    for r in lines:
+        assert float(r["effective_flops"]) <= 0.5 + 1e-6 and 0 <= float(r["test_acc"]) <= 1
+    static = next(r for r in lines if r["arm"] == "static")
+    trained = next(r for r in lines if r["arm"] == "trained")
+    assert float(trained["params_ratio"]) > float(static["params_ratio"])  # gated groups stay whole in storage
+    assert (0.5, "trained", "after") in summary["differences"]
+    assert "| 0.5 | trained |" in (out / "runtime-gating.md").read_text()
+    with pytest.raises(ValueError, match="arms"):
+        rg.compare("ChannelPrune-ResNet20-v0", [0.5], [0], out, arms=("magic",), env_kwargs=tiny_gym_kwargs)
+
+
+def _lines(diffs: list[float], budget: float = 0.3) -> list[dict]:
+    lines = [{"budget": budget, "arm": "static", "seed": s, "phase": "after", "test_acc": 0.8} for s in range(3)]
+    lines += [{"budget": budget, "arm": "trained", "seed": s, "phase": "after", "test_acc": 0.8 + d}
+              for s, d in enumerate(diffs)]
+    return lines
+
+
+def test_the_goal_needs_the_whole_paired_interval_a_point_above_static():
+    assert rg.summarize(_lines([0.030, 0.032, 0.031]))["goal_met"] == {"after": True}
+    assert rg.summarize(_lines([0.030, 0.0, 0.06]))["goal_met"] == {"after": False}  # mean 3 points, wide
+    assert rg.summarize(_lines([0.008, 0.009, 0.0085]))["goal_met"] == {"after": False}  # sure, but < 1 point
+    assert rg.summarize(_lines([0.05, 0.05, 0.05], budget=0.5))["goal_met"] == {}  # the goal is at 0.3
