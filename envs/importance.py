@@ -16,11 +16,9 @@ Static importance (dataset-wide; decides which channels are removed for storage)
   the loss of a few plausible keep sets and learns to rank them (``train_static_predictor``); how often it orders
   held-out keep sets right, next to Taylor and L1, is reported.
 
-Runtime importance (per input; decides what each input computes): the **runtime importance predictor** is an
-FBS-style gate per block-internal group, ``saliency = Linear(GAP(input of the producer conv))``, fitted with the
-base net frozen (ridge regression, closed form) to each input's per-channel output saliency (mean post-ReLU
-activation). Residual-stream groups carry no gate (their runtime ratio is fixed to 1). Its quality is reported as
-the mean per-input Spearman correlation on the calibration split.
+Runtime importance (per input; decides what each input computes): the **runtime importance predictor**, an
+FBS-style gate per block-internal group, lives in ``envs.gates`` (fitted by ridge regression onto activations,
+or trained end to end through the frozen network); this module loads or trains it and caches it.
 
 Each predictor is trained once per checkpoint, only when asked for (the static one for ``scorer="learned"``, the
 gates in runtime mode), and cached next to it (``<checkpoint>.static-predictor-*.pt``,
