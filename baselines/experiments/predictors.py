@@ -28,10 +28,10 @@ from typing import Sequence
 
 import gymnasium as gym
 
-import envs
 from envs.importance import SCORERS, ImportanceContext, ImportancePredictors, LearnedScorer, make_scorer
 from envs.machine import backend
 
+from .cli import add_env_arguments, env_from_arguments
 from .stats import CONFIDENCE, estimate
 
 CLASSIC = tuple(s for s in SCORERS if s != "learned")
@@ -154,24 +154,16 @@ def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, en
 
 
 def main(argv: list[str] | None = None) -> int:
-    from envs.cli import parse_key_values
-
     p = argparse.ArgumentParser(prog="python -m baselines.experiments.predictors", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="ChannelPrune-ResNet18-v0")
+    add_env_arguments(p)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--test-size", type=int, default=None, help="test images (default: the whole test split)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
     p.add_argument("--out", default="results/predictors")
     args = p.parse_args(argv)
     try:
-        env_id = envs.resolve_env_id(args.env)
-        kwargs = {**parse_key_values(args.env_kwargs, "--env-kwargs"), "device": args.device}
-        if args.test_size is not None:
-            kwargs["test_size"] = args.test_size
+        env_id, kwargs = env_from_arguments(args)
         report(env_id, args.ratios, args.scorers, args.seeds, Path(args.out), kwargs)
     except ValueError as exc:
         p.error(str(exc))

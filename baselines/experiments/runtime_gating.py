@@ -35,12 +35,12 @@ from typing import Sequence
 
 import gymnasium as gym
 
-import envs
 from envs.finetune import finetune
 from envs.gates import train_gates_end_to_end
 from envs.machine import backend
 from envs.problem import PruningProblem
 
+from .cli import add_env_arguments, env_from_arguments
 from .stats import CONFIDENCE, estimate
 
 ARMS = ("static", "ridge", "trained")
@@ -186,27 +186,19 @@ def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from envs.cli import parse_key_values
-
     p = argparse.ArgumentParser(prog="python -m baselines.experiments.runtime_gating", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="ChannelPrune-ResNet18-v0")
+    add_env_arguments(p)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--test-size", type=int, default=None, help="test images (default: the whole test split)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V")
     p.add_argument("--out", default="results/runtime-gating")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        env_id = envs.resolve_env_id(args.env)
-        kwargs = {**parse_key_values(args.env_kwargs, "--env-kwargs"), "device": args.device}
-        if args.test_size is not None:
-            kwargs["test_size"] = args.test_size
+        env_id, kwargs = env_from_arguments(args)
         compare(env_id, args.budgets, args.seeds, Path(args.out), args.arms, args.gate_steps, args.finetune_steps,
                 kwargs, progress=not args.no_progress)
     except ValueError as exc:
