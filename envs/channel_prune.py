@@ -131,9 +131,9 @@ class ChannelPruneEnv(gym.Env):
     ``reward_size``, ``calib_size``, ``test_size`` (None: the whole test split), ``split_seed``, ``min_keep`` in
     (0, 1], ``round_to``, ``scorer`` ("taylor", the default; "l1", "bn", "fpgm", "learned" or an object with
     ``scores(ctx)``), ``importance_samples`` (keep sets the learned static predictor measures per group and keep
-    ratio; 4), ``runtime_gates`` (runtime mode: "ridge", gates regressed onto activations, or "trained", then
-    trained through the frozen network for ``gate_steps`` steps; ``envs.gates``), ``internal_only``,
-    ``compensate`` (None or a callable ``(graph, base_model, pruned, keep_idx)``, e.g.
+    ratio; 4), ``runtime_gates`` (runtime mode: "trained", the default, gates trained through the frozen network
+    for ``gate_steps`` steps, 100, from "ridge", gates regressed onto activations; ``envs.gates``),
+    ``internal_only``, ``compensate`` (None or a callable ``(graph, base_model, pruned, keep_idx)``, e.g.
     ``baselines.neuron_merging.merge_compensation``),
     ``eval_precision`` ("auto": bf16 autocast where the machine has fast bf16 kernels; "fp32"; "bf16"),
     ``device`` ("auto": CUDA when available, else CPU; "cpu"; "cuda:N": where evaluation, BN recalibration, gates

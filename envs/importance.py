@@ -44,7 +44,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
-from .gates import check_gate_training, fit_runtime_predictor, train_gates_end_to_end
+from .gates import (DEFAULT_GATE_STEPS, DEFAULT_RUNTIME_GATES, check_gate_training, fit_runtime_predictor,
+                    train_gates_end_to_end)
 from .groups import GroupGraph, channel_dim
 from .paths import atomic_save
 
@@ -404,7 +405,7 @@ class ImportancePredictors:
     def load_or_train(
         cls, ctx: ImportanceContext, cache_path: Path | None, progress: bool = True, per_group: int = 4,
         images: int = 128, seed: int = 0, static: bool = True, runtime: bool = True,
-        runtime_gates: str = "ridge", gate_steps: int = 300,
+        runtime_gates: str = DEFAULT_RUNTIME_GATES, gate_steps: int = DEFAULT_GATE_STEPS,
     ) -> "ImportancePredictors":
         """The static predictor (when ``static``) and the runtime gates (when ``runtime``) of the checkpoint
         ``cache_path``: each loaded from its own cache file next to it, else trained and cached there (None: not

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .gates import check_gate_training
+from .gates import DEFAULT_GATE_STEPS, DEFAULT_RUNTIME_GATES, check_gate_training
 from .importance import check_importance_samples
 from .problem import PROBLEM_KWARGS, check_settings
 
@@ -46,6 +46,7 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     if "importance_samples" in kwargs:
         check_importance_samples(kwargs["importance_samples"])
     if "runtime_gates" in kwargs or "gate_steps" in kwargs:
-        check_gate_training(kwargs.get("runtime_gates", "ridge"), kwargs.get("gate_steps", 100))
+        check_gate_training(kwargs.get("runtime_gates", DEFAULT_RUNTIME_GATES),
+                            kwargs.get("gate_steps", DEFAULT_GATE_STEPS))
     settings = ("budget", "target", "mode", "storage_budget", "min_keep", "round_to", "scorer", "compensate")
     check_settings(**{k: kwargs[k] for k in settings if k in kwargs})

@@ -26,7 +26,7 @@ from torch import nn
 from .budget import MODES, TARGETS, CostModel
 from .data import DatasetSplits, Split, load_dataset
 from .groups import GroupGraph
-from .gates import check_gate_training, gate_layout
+from .gates import DEFAULT_GATE_STEPS, DEFAULT_RUNTIME_GATES, check_gate_training, gate_layout
 from .importance import (DEFAULT_SCORER, SCORERS, ImportanceContext, ImportancePredictors, Scorer,
                          check_importance_samples, make_scorer)
 from .inference import inference_context, resolve_precision
@@ -103,8 +103,8 @@ class PruningProblem:
         pretrain_epochs: int | None = None,
         pretrain_max_train: int | None = None,
         importance_samples: int = 4,
-        runtime_gates: str = "ridge",
-        gate_steps: int = 100,
+        runtime_gates: str = DEFAULT_RUNTIME_GATES,
+        gate_steps: int = DEFAULT_GATE_STEPS,
         eval_batch_size: int = 250,
         eval_precision: str = "auto",
         device: str = "auto",

@@ -33,7 +33,7 @@ def test_relaxed_topk_is_the_hard_topk_forward_with_a_gradient_backward():
 def test_trained_gates_keep_more_accuracy_than_ridge_gates(make_env):
     """The same plan (nothing pruned statically, a share of every gated group computed per input), BN
     recalibrated as the env does: gates trained through the network beat gates regressed onto activations."""
-    env = make_env(mode="runtime", budget=1.0)
+    env = make_env(mode="runtime", budget=1.0, runtime_gates="ridge")
     problem = env.problem
     ridge = problem.predictors.gates
     trained, report = train_gates_end_to_end(problem.base_model, problem.graph, ridge, problem.data.train,
@@ -57,8 +57,8 @@ def test_runtime_gates_trained_kwarg_trains_once_and_caches(tiny_setup, tmp_path
     shutil.copy(tiny_setup[0], ckpt)
     kwargs = dict(model="resnet20", width=0.5, checkpoint=str(ckpt), data=tiny_setup[1], progress=False,
                   mode="runtime")
-    ridge = ChannelPruneEnv(**kwargs).predictors.gates
-    first = ChannelPruneEnv(**kwargs, runtime_gates="trained", gate_steps=5)
+    ridge = ChannelPruneEnv(**kwargs, runtime_gates="ridge").predictors.gates
+    first = ChannelPruneEnv(**kwargs, gate_steps=5)  # trained gates are the default
     assert list(tmp_path.glob("copy.pt.runtime-gates-trained-*-5.pt"))
     assert first.predictors.report["gate_train_steps"] == 5
     assert any(not torch.equal(first.predictors.gates[k], ridge[k]) for k in ridge)
@@ -67,7 +67,7 @@ def test_runtime_gates_trained_kwarg_trains_once_and_caches(tiny_setup, tmp_path
         raise AssertionError("the trained gates were retrained instead of loaded from the cache")
 
     monkeypatch.setattr(importance, "train_gates_end_to_end", refuse)
-    second = ChannelPruneEnv(**kwargs, runtime_gates="trained", gate_steps=5)
+    second = ChannelPruneEnv(**kwargs, runtime_gates="trained", gate_steps=5)  # the same, named
     for k in ridge:
         assert torch.equal(first.predictors.gates[k], second.predictors.gates[k])
 

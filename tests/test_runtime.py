@@ -261,7 +261,7 @@ def test_predictors_trained_once_for_a_new_checkpoint(tiny_setup, tmp_path, monk
     real = importance.train_static_predictor
     monkeypatch.setattr(importance, "train_static_predictor", lambda *a, **k: calls.append(1) or real(*a, **k))
     kwargs = dict(model="resnet20", width=0.5, checkpoint=str(ckpt), data=data, importance_samples=2,
-                  progress=False, mode="runtime")
+                  progress=False, mode="runtime", runtime_gates="ridge")
     gates_only = ChannelPruneEnv(**kwargs)  # the default scorer needs no static predictor: none is trained
     assert not calls and gates_only.predictors.static_scores is None and gates_only.predictors.gates
     assert not list(tmp_path.glob("copy.pt.static-predictor-*.pt"))
@@ -278,7 +278,7 @@ def test_predictors_trained_once_for_a_new_checkpoint(tiny_setup, tmp_path, monk
 
 
 def test_predictor_quality_report(make_env):
-    env = make_env(mode="runtime", scorer="learned")
+    env = make_env(mode="runtime", scorer="learned", runtime_gates="ridge")  # the report is the ridge fit's
     rep = env.predictors.report
     for key in ("static_pair_accuracy_heldout", "taylor_pair_accuracy_heldout", "l1_pair_accuracy_heldout",
                 "runtime_spearman_per_input", "runtime_spearman_static_ranking", "gated_groups"):

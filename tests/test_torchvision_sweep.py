@@ -131,7 +131,7 @@ def run_episode(model: nn.Module, size: int, mode: str, seed: int = 0) -> tuple[
     """One episode of seeded random actions; checks the analytic MACs against FlopCounterMode."""
     env = ChannelPruneEnv(model=model, example_input=torch.zeros(1, 1, size, size), data=synthetic_data(size),
                           scorer="l1", mode=mode, budget=0.5, importance_samples=2, eval_precision="fp32",
-                          device="cpu", progress=False)
+                          runtime_gates="ridge", device="cpu", progress=False)  # counting MACs: any gates do
     env.reset(seed=seed)
     env.action_space.seed(seed)
     terminated = False
