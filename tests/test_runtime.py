@@ -75,8 +75,9 @@ def test_effective_flops_below_static_when_runtime_ratio_below_one(make_env):
 def test_learned_gate_beats_random_gates(make_env, monkeypatch):
     """At the same runtime ratio (half of every gated group's channels per input, nothing pruned statically) the
     learned gate keeps more accuracy than gates with random weights of the same shapes. Evaluated with the base
-    model's BN statistics, so that only the gate's choice differs."""
-    env = make_env(mode="runtime", budget=1.0)
+    model's BN statistics, so that only the gate's choice differs; the ridge gates, fitted to those statistics
+    (the trained gates are checked against them in test_gates.py)."""
+    env = make_env(mode="runtime", budget=1.0, runtime_gates="ridge")
     kept = list(env.cost.k_full)
     rt = half_runtime(env, kept)
 
