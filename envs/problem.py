@@ -237,11 +237,15 @@ class PruningProblem:
         if self.compensate is not None:
             self.compensate(self.graph, self.base_model, pruned, keep_idx)
         if self.mode == "runtime" and gates:
-            install_gates(pruned, self._gate_specs(keep_idx, rt if rt is not None else kept), sparse=sparse)
+            install_gates(pruned, list(self.gate_specs(kept, rt).values()), sparse=sparse)
         return pruned
 
-    def _gate_specs(self, keep_idx: list[np.ndarray], rt: Sequence[int]) -> list[GateSpec]:
-        specs = []
+    def gate_specs(self, kept: Sequence[int], rt: Sequence[int] | None = None) -> dict[int, GateSpec]:
+        """Per gated group index, its gate sliced to the kept channels of ``kept`` and computing ``rt`` of them
+        per input (``envs.runtime.install_gates`` installs them on ``build_pruned(kept, rt, gates=False)``)."""
+        keep_idx = self.kept_channels(kept)
+        rt = rt if rt is not None else kept
+        specs = {}
         for i, v in enumerate(self.gate_layout):
             if not self.gated[i]:
                 continue
@@ -251,7 +255,7 @@ class PruningProblem:
             if in_g is not None:
                 w = w[:, torch.as_tensor(keep_idx[in_g])]
             b = self.predictors.gates[f"gate{i}.bias"][torch.as_tensor(keep_idx[i])]
-            specs.append(GateSpec(prod, bn, cons, w.contiguous(), b.contiguous(), int(rt[i])))
+            specs[i] = GateSpec(prod, bn, cons, w.contiguous(), b.contiguous(), int(rt[i]))
         return specs
 
     # ------------------------------------------------------------------------------------------ evaluator

@@ -114,9 +114,10 @@ def test_compare_writes_every_arm_and_judges_the_goal(tiny_gym_kwargs, tmp_path)
     with open(out / "runtime-gating.csv", newline="") as f:
         lines = list(csv.DictReader(f))
     got = sorted((r["arm"], r["seed"], r["phase"]) for r in lines)
+    after = [(arm, seed, phase) for arm in ("static", "trained") for seed in ("0", "1")
+             for phase in ("after", "after_regated")]
     assert got == sorted([("static", "", "before"), ("ridge", "", "before"), ("trained", "0", "before"),
-                          ("trained", "1", "before"), ("static", "0", "after"), ("static", "1", "after"),
-                          ("trained", "0", "after"), ("trained", "1", "after")])
+                          ("trained", "1", "before"), *after])
     for r in lines:
         assert float(r["effective_flops"]) <= 0.5 + 1e-6 and 0 <= float(r["test_acc"]) <= 1
     static = next(r for r in lines if r["arm"] == "static")

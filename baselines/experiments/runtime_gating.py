@@ -16,8 +16,10 @@ the same channels for every input. The runtime plan is run with two kinds of gat
 ``--gate-steps`` steps; one training per seed; ``--arms`` picks which are fine-tuned). Each plan's BatchNorm
 statistics are re-estimated on the calibration split and its accuracy measured on the test split; then the
 common fine-tune (``envs.finetune``, ``--finetune-steps`` steps, the seed) trains the network with the gates
-fixed, and the test accuracy is measured again. Seeds vary the gate training and the fine-tune; the static plan
-before fine-tuning is deterministic.
+fixed, and the test accuracy is measured again (``after``). Last (``after_regated``), the runtime plan's gates
+are trained again for ``--gate-steps`` steps, now through the fine-tuned network at the plan's runtime share, and
+both plans' BN statistics are re-estimated before a third measurement. Seeds vary the gate trainings and the
+fine-tune; the static plan before fine-tuning is deterministic.
 
 The goal (issue 12): runtime mode at least 1 point above static at equal effective FLOPs at budget 0.3, with its
 whole interval over seeds. ``runtime-gating.md`` states whether it is met; ``runtime-gating.csv`` has one line per
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ from envs.finetune import finetune
 from envs.gates import train_gates_end_to_end
 from envs.machine import backend
 from envs.problem import PruningProblem
+from envs.runtime import install_gates
 
 from .cli import add_env_arguments, env_from_arguments
 from .stats import CONFIDENCE, estimate
@@ -62,12 +66,34 @@ def equal_flops_plans(problem: PruningProblem) -> dict[str, tuple[list[int], lis
     return {"static": (*static, u, 1.0), "runtime": (*runtime, u, q)}
 
 
-def _accuracy(problem: PruningProblem, kept, rt, finetune_steps: int, seed: int, progress: bool) -> float:
+def _before(problem: PruningProblem, kept, rt) -> float:
     net = problem.build_pruned(kept, rt)
     problem.recalibrate_bn(net)
-    if finetune_steps:
-        finetune(net, problem.data, finetune_steps, seed=seed, progress=progress, device=problem.device)
     return problem.evaluate(net, "test")[0]
+
+
+def _after(problem: PruningProblem, kept, rt, runtime_share: float | None, finetune_steps: int, gate_steps: int,
+           seed: int, progress: bool) -> tuple[float, float]:
+    """Test accuracy after the common fine-tune (gates fixed), then after the gates are retrained through the
+    fine-tuned network at the plan's runtime share (runtime plans; ``runtime_share`` None: static) and the BN
+    statistics re-estimated (both plans)."""
+    specs = problem.gate_specs(kept, rt) if runtime_share is not None else {}
+    net = problem.build_pruned(kept, rt, gates=False)
+    handles = install_gates(net, list(specs.values()))
+    problem.recalibrate_bn(net)
+    finetune(net, problem.data, finetune_steps, seed=seed, progress=progress, device=problem.device)
+    after = problem.evaluate(net, "test")[0]
+    if specs:
+        for h in handles:
+            h.remove()
+        sliced = {f"gate{i}.{k}": getattr(spec, k) for i, spec in specs.items() for k in ("weight", "bias")}
+        gates, _ = train_gates_end_to_end(net, problem.graph, sliced, problem.data.train, steps=gate_steps,
+                                          ratio_range=(runtime_share, runtime_share), seed=seed,
+                                          device=problem.device, progress=progress)
+        install_gates(net, [dataclasses.replace(spec, weight=gates[f"gate{i}.weight"], bias=gates[f"gate{i}.bias"])
+                            for i, spec in specs.items()])
+    problem.recalibrate_bn(net)
+    return after, problem.evaluate(net, "test")[0]
 
 
 def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Path, arms: Sequence[str] = ARMS,
@@ -110,26 +136,27 @@ def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Pa
             for arm in ("static", "ridge"):  # deterministic before the fine-tune (and cheap): once each
                 plan = plans["static" if arm == "static" else "runtime"]
                 t0 = time.perf_counter()
-                record(budget, arm, None, "before", _accuracy(problem, *plan[:2], 0, 0, progress), plan, problem,
-                       t0)
+                record(budget, arm, None, "before", _before(problem, *plan[:2]), plan, problem, t0)
             for seed in seeds:
-                gated = {"ridge": problem}
+                gated = {"static": problem, "ridge": problem}
                 if "trained" in arms:
                     t0 = time.perf_counter()
                     gates, _ = train_gates_end_to_end(problem.base_model, problem.graph, problem.predictors.gates,
                                                       problem.data.train, steps=gate_steps, seed=seed,
                                                       device=problem.device, progress=progress)
                     gated["trained"] = problem.with_gates(gates)
-                    record(budget, "trained", seed, "before", _accuracy(gated["trained"], *plans["runtime"][:2], 0,
-                                                                        0, progress),
+                    record(budget, "trained", seed, "before", _before(gated["trained"], *plans["runtime"][:2]),
                            plans["runtime"], problem, t0)
                 if not finetune_steps:
                     continue
                 for arm in arms:
                     plan = plans["static" if arm == "static" else "runtime"]
                     t0 = time.perf_counter()
-                    acc = _accuracy(gated.get(arm, problem), *plan[:2], finetune_steps, seed, progress)
-                    record(budget, arm, seed, "after", acc, plan, problem, t0)
+                    share = None if arm == "static" else plan[3]
+                    after, regated = _after(gated[arm], *plan[:2], share, finetune_steps, gate_steps, seed,
+                                            progress)
+                    record(budget, arm, seed, "after", after, plan, problem, t0)
+                    record(budget, arm, seed, "after_regated", regated, plan, problem, t0)
     summary = summarize(lines)
     write_markdown(summary, lines, out / "runtime-gating.md", env_id, base, gate_steps, finetune_steps)
     return summary
@@ -156,30 +183,36 @@ def summarize(lines: list[dict]) -> dict:
     return {"estimates": est, "differences": diffs, "goal_met": goal}
 
 
+PHASES = {"before": "before the fine-tune", "after": "after the fine-tune (gates fixed)",
+          "after_regated": "after the fine-tune, gates retrained, BN recalibrated"}
+
+
 def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, problem: PruningProblem,
                    gate_steps: int, finetune_steps: int) -> None:
     est, diffs = summary["estimates"], summary["differences"]
     info = {(line["budget"], line["arm"]): line for line in lines}
+    phases = [ph for ph in PHASES if any(key[2] == ph for key in est)]
     md = [f"Runtime gating against static pruning at equal effective FLOPs on {env_id} "
           f"({len(problem.data.test)} test images; {backend(problem.device).machine}). Gates trained for "
-          f"{gate_steps} steps; the common fine-tune for {finetune_steps} steps. Mean "
-          f"[{int(CONFIDENCE * 100)}% t interval] over seeds; a single value is deterministic.", "",
-          "| budget | arm | keep (static) | runtime share | eff. FLOPs | params | test acc before FT | vs static "
-          "| test acc after FT | vs static (paired) |", "|---|---|---|---|---|---|---|---|---|---|"]
+          f"{gate_steps} steps; the common fine-tune for {finetune_steps} steps. Test accuracy, mean "
+          f"[{int(CONFIDENCE * 100)}% t interval] over seeds (a single value is deterministic), and its "
+          "difference to static (paired by seed after the fine-tune).", "",
+          "| budget | arm | keep (static) | runtime share | eff. FLOPs | params | "
+          + " | ".join(f"{PHASES[ph]} | vs static" for ph in phases) + " |",
+          "|" + "---|" * (6 + 2 * len(phases))]
     for budget in sorted({b for b, _, _ in est}):
         for arm in ARMS:
             if (budget, arm) not in info:
                 continue
             line = info[budget, arm]
             cells = []
-            for phase in ("before", "after"):
-                e = est.get((budget, arm, phase))
-                d = diffs.get((budget, arm, phase))
+            for phase in phases:
+                e, d = est.get((budget, arm, phase)), diffs.get((budget, arm, phase))
                 cells += [e.text() if e else "-", d.text("{:+.4f}") if d else ""]
             md.append(f"| {budget} | {arm} | {line['keep_static']:.3f} | {line['runtime_ratio']:.3f} | "
                       f"{line['effective_flops']:.3f} | {line['params_ratio']:.3f} | " + " | ".join(cells) + " |")
     for phase, met in summary["goal_met"].items():
-        md.append(f"\nGoal at budget {GOAL_BUDGET} ({phase} the fine-tune): trained gates at least "
+        md.append(f"\nGoal at budget {GOAL_BUDGET}, {PHASES[phase]}: trained gates at least "
                   f"{100 * GOAL_POINTS:.0f} point above static with the whole interval: "
                   f"**{'met' if met else 'not met'}**.")
     path.write_text("\n".join(md) + "\n")
