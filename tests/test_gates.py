@@ -141,3 +141,27 @@ def test_the_goal_needs_the_whole_paired_interval_a_point_above_static():
     assert rg.summarize(_lines([0.030, 0.0, 0.06]))["goal_met"] == {"after": False}  # mean 3 points, wide
     assert rg.summarize(_lines([0.008, 0.009, 0.0085]))["goal_met"] == {"after": False}  # sure, but < 1 point
     assert rg.summarize(_lines([0.05, 0.05, 0.05], budget=0.5))["goal_met"] == {}  # the goal is at 0.3
+
+
+def test_merge_counts_deterministic_rows_once(tmp_path):
+    def write(d, rows):
+        d.mkdir()
+        with open(d / "runtime-gating.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=rg.FIELDS)
+            w.writeheader()
+            for arm, seed, phase, acc in rows:
+                w.writerow({"budget": 0.3, "arm": arm, "seed": "" if seed is None else seed, "phase": phase,
+                            "test_acc": acc, "effective_flops": 0.3, "params_ratio": 0.5, "keep_static": 0.55,
+                            "runtime_ratio": 0.55, "seconds": 1.0})
+
+    write(tmp_path / "a", [("static", None, "before", 0.67), ("static", 0, "after", 0.90), ("trained", 0, "after", 0.93),
+                           ("static", 1, "after", 0.91), ("trained", 1, "after", 0.94)])
+    write(tmp_path / "b", [("static", None, "before", 0.67), ("static", 2, "after", 0.92),
+                           ("trained", 2, "after", 0.95)])
+    summary = rg.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "m", "ChannelPrune-ResNet18-v0", "all", "x",
+                       100, 200)
+    assert summary["estimates"][0.3, "static", "before"].n == 1
+    assert summary["estimates"][0.3, "trained", "after"].n == 3
+    assert summary["differences"][0.3, "trained", "after"].mean == pytest.approx(0.03)
+    assert summary["goal_met"] == {"after": True}
+    assert "**met**" in (tmp_path / "m" / "runtime-gating.md").read_text()

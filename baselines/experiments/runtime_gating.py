@@ -158,7 +158,8 @@ def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Pa
                     record(budget, arm, seed, "after", after, plan, problem, t0)
                     record(budget, arm, seed, "after_regated", regated, plan, problem, t0)
     summary = summarize(lines)
-    write_markdown(summary, lines, out / "runtime-gating.md", env_id, base, gate_steps, finetune_steps)
+    write_markdown(summary, lines, out / "runtime-gating.md", env_id, len(base.data.test),
+                   backend(base.device).machine, gate_steps, finetune_steps)
     return summary
 
 
@@ -187,13 +188,13 @@ PHASES = {"before": "before the fine-tune", "after": "after the fine-tune (gates
           "after_regated": "after the fine-tune, gates retrained, BN recalibrated"}
 
 
-def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, problem: PruningProblem,
+def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, test_images: int | str, machine: str,
                    gate_steps: int, finetune_steps: int) -> None:
     est, diffs = summary["estimates"], summary["differences"]
     info = {(line["budget"], line["arm"]): line for line in lines}
     phases = [ph for ph in PHASES if any(key[2] == ph for key in est)]
     md = [f"Runtime gating against static pruning at equal effective FLOPs on {env_id} "
-          f"({len(problem.data.test)} test images; {backend(problem.device).machine}). Gates trained for "
+          f"({test_images} test images; {machine}). Gates trained for "
           f"{gate_steps} steps; the common fine-tune for {finetune_steps} steps. Test accuracy, mean "
           f"[{int(CONFIDENCE * 100)}% t interval] over seeds (a single value is deterministic), and its "
           "difference to static (paired by seed after the fine-tune).", "",
@@ -218,6 +219,30 @@ def write_markdown(summary: dict, lines: list[dict], path: Path, env_id: str, pr
     path.write_text("\n".join(md) + "\n")
 
 
+def merge(dirs: Sequence[Path], out: Path, env_id: str, test_images: int | str, machine: str, gate_steps: int,
+          finetune_steps: int) -> dict:
+    """Summarise the ``runtime-gating.csv`` of runs that split the seeds (deterministic rows counted once)."""
+    lines, seen = [], set()
+    for d in dirs:
+        with open(Path(d) / "runtime-gating.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                line = {k: (float(v) if k not in ("arm", "seed", "phase") else v) for k, v in row.items()}
+                line["seed"] = int(row["seed"]) if row["seed"] else None
+                key = (line["budget"], line["arm"], line["seed"], line["phase"])
+                if key not in seen:
+                    seen.add(key)
+                    lines.append(line)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "runtime-gating.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(lines)
+    summary = summarize(lines)
+    write_markdown(summary, lines, out / "runtime-gating.md", env_id, test_images, machine, gate_steps,
+                   finetune_steps)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m baselines.experiments.runtime_gating", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,12 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--out", default="results/runtime-gating")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="only summarise the CSVs of these runs (split seeds) into --out; nothing is run")
+    p.add_argument("--merge-machine", default="", help="with --merge: the machine the runs were timed on")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
         env_id, kwargs = env_from_arguments(args)
-        compare(env_id, args.budgets, args.seeds, Path(args.out), args.arms, args.gate_steps, args.finetune_steps,
-                kwargs, progress=not args.no_progress)
+        if args.merge:
+            merge([Path(d) for d in args.merge], Path(args.out), env_id, args.test_size or "all",
+                  args.merge_machine, args.gate_steps, args.finetune_steps)
+        else:
+            compare(env_id, args.budgets, args.seeds, Path(args.out), args.arms, args.gate_steps,
+                    args.finetune_steps, kwargs, progress=not args.no_progress)
     except ValueError as exc:
         p.error(str(exc))
     print((Path(args.out) / "runtime-gating.md").read_text())
