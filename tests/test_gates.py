@@ -154,8 +154,9 @@ def test_merge_counts_deterministic_rows_once(tmp_path):
                             "test_acc": acc, "effective_flops": 0.3, "params_ratio": 0.5, "keep_static": 0.55,
                             "runtime_ratio": 0.55, "seconds": 1.0})
 
-    write(tmp_path / "a", [("static", None, "before", 0.67), ("static", 0, "after", 0.90), ("trained", 0, "after", 0.93),
-                           ("static", 1, "after", 0.91), ("trained", 1, "after", 0.94)])
+    write(tmp_path / "a", [("static", None, "before", 0.67), ("static", 0, "after", 0.90),
+                           ("trained", 0, "after", 0.93), ("static", 1, "after", 0.91),
+                           ("trained", 1, "after", 0.94)])
     write(tmp_path / "b", [("static", None, "before", 0.67), ("static", 2, "after", 0.92),
                            ("trained", 2, "after", 0.95)])
     summary = rg.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "m", "ChannelPrune-ResNet18-v0", "all", "x",
