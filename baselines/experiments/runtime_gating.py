@@ -110,7 +110,9 @@ def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Pa
         raise ValueError(f"seeds={list(seeds)!r} must be distinct integers, at least one")
     if not (isinstance(finetune_steps, int) and finetune_steps >= 0):
         raise ValueError(f"finetune_steps={finetune_steps!r} must be an integer >= 0")
-    kwargs = {**(env_kwargs or {}), "mode": "runtime", "budget": budgets[0], "progress": progress}
+    # the ridge gates are the "ridge" arm and where each seed's trained gates start
+    kwargs = {**(env_kwargs or {}), "mode": "runtime", "runtime_gates": "ridge", "budget": budgets[0],
+              "progress": progress}
     base = gym.make(env_id, **kwargs).unwrapped.problem
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runtime-gating.csv"
