@@ -124,6 +124,16 @@ def test_compare_writes_every_arm_and_judges_the_goal(tiny_gym_kwargs, tmp_path)
     trained = next(r for r in lines if r["arm"] == "trained")
     assert float(trained["params_ratio"]) > float(static["params_ratio"])  # gated groups stay whole in storage
     assert (0.5, "trained", "after") in summary["differences"]
+    # the "ridge" arm runs the ridge gates (the env's default are the trained ones)
+    import gymnasium as gym
+
+    ridge_env = gym.make("ChannelPrune-ResNet20-v0", mode="runtime", runtime_gates="ridge", budget=0.5,
+                         **tiny_gym_kwargs, device="cpu").unwrapped
+    kept, rt, _, _ = rg.equal_flops_plans(ridge_env.problem)["runtime"]
+    net = ridge_env.build_pruned(kept, rt)
+    ridge_env.recalibrate_bn(net)
+    ridge_row = next(r for r in lines if r["arm"] == "ridge")
+    assert float(ridge_row["test_acc"]) == pytest.approx(ridge_env.evaluate(net, "test")[0], abs=1e-9)
     assert "| 0.5 | trained |" in (out / "runtime-gating.md").read_text()
     with pytest.raises(ValueError, match="arms"):
         rg.compare("ChannelPrune-ResNet20-v0", [0.5], [0], out, arms=("magic",), env_kwargs=tiny_gym_kwargs)
