@@ -146,7 +146,8 @@ def relaxed_topk(scores: torch.Tensor, k: int, temperature: float = TEMPERATURE)
 
 class GatedForTraining(nn.Module):
     """A frozen copy of ``model`` with trainable gates (initialised from ``gates``) and relaxed top-k masks after
-    each gated BN; every forward pass in training mode draws each group's runtime ratio from ``ratio_range``."""
+    each gated BN; every forward pass draws each group's runtime ratio from ``ratio_range`` (k = the ratio times
+    the group's channels, rounded; a plan's own counts may differ from that by one channel)."""
 
     def __init__(self, model: nn.Module, graph: GroupGraph, gates: dict, ratio_range: tuple[float, float],
                  generator: torch.Generator):
