@@ -19,7 +19,9 @@ mix statistics of weights that no longer exist. The model keeps that momentum af
 
 The model is trained **in place** (on ``device``; handed back on the device it came on) and returned in eval
 mode; pass a copy to keep the original. Gated (runtime-mode) models work unchanged: the gates are forward hooks
-or wrapper modules whose gate weights are plain tensors, so only the network's own parameters are trained. Runs are
+or wrapper modules whose gate weights are plain tensors, so only the network's own parameters are trained
+(``envs.gates.finetune_with_gates`` trains gates and network together, through ``sgd_module`` and
+``extra_optimizers``). Runs are
 deterministic for a seed (the global torch RNG is forked, so the caller's random state is untouched; dropout draws
 from the seeded fork).
 """
@@ -27,6 +29,7 @@ from the seeded fork).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -56,10 +59,14 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device = "auto",
+    sgd_module: nn.Module | None = None,
+    extra_optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> nn.Module:
     """Fine-tune ``model`` in place for ``steps`` SGD steps on ``data.train``; returns it in eval mode.
 
-    ``steps=0`` returns the model unchanged (in eval mode). See the module docstring for the recipe.
+    ``steps=0`` returns the model unchanged (in eval mode). See the module docstring for the recipe. The SGD
+    recipe trains ``sgd_module``'s parameters (default: ``model``'s, a submodule such as a wrapped network
+    otherwise); ``extra_optimizers`` (built by the caller for parameters outside it) step once per step too.
     """
     _check("steps", steps, isinstance(steps, int) and steps >= 0, "an integer >= 0")
     _check("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1")
@@ -72,18 +79,19 @@ def finetune(
         return model.eval()
     n = len(data.train)
     _check("data.train", f"<{n} images>", n > 0, "a non-empty training split")
-    _check("model", type(model).__name__, any(p.requires_grad for p in model.parameters()),
+    trained = model if sgd_module is None else sgd_module
+    _check("model", type(trained).__name__, any(p.requires_grad for p in trained.parameters()),
            "a model with trainable parameters")
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
             m.momentum = 0.1
-    opt = sgd(model, lr, momentum, weight_decay, nesterov=True)
+    opt = sgd(trained, lr, momentum, weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     be = backend(device)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        train_steps(model, data.train, steps, [opt], batch_indices(n, batch_size, gen, "epoch_drop_last"),
+        train_steps(model, data.train, steps, [opt, *extra_optimizers], batch_indices(n, batch_size, gen, "epoch_drop_last"),
                     schedulers=[sched], generator=gen, pad=PAD, flip=FLIP, label_smoothing=LABEL_SMOOTHING,
                     bf16=True, device=be, progress=progress, desc="finetune")
     return model.eval()

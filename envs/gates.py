@@ -17,6 +17,10 @@ A gate reads the global average pool of its producer conv's input and scores the
   ratio an agent may ask for. BatchNorms use batch statistics, as after the env's BN recalibration of a gated
   plan. Deviations from FBS: no L1 sparsity term on the saliencies (the top-k fixes the computed share), and the
   kept channels are not scaled by their saliency (the executors apply a 0/1 mask).
+
+``finetune_with_gates`` is the third way, after pruning: FBS's joint training. The network is fine-tuned by the
+common recipe (``envs.finetune``) while the same relaxed top-k masks are in place at the plan's runtime ratio,
+and the gates are trained along with it (Adam), so network and gates adapt to each other.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from .data import Split
+from .data import DatasetSplits, Split
+from .finetune import finetune
 from .groups import GroupGraph
 from .machine import backend
 from .training import batch_indices, train_steps
@@ -145,19 +150,22 @@ def relaxed_topk(scores: torch.Tensor, k: int, temperature: float = TEMPERATURE)
 
 
 class GatedForTraining(nn.Module):
-    """A frozen copy of ``model`` with trainable gates (initialised from ``gates``) and relaxed top-k masks after
-    each gated BN; every forward pass draws each group's runtime ratio from ``ratio_range`` (k = the ratio times
-    the group's channels, rounded; a plan's own counts may differ from that by one channel)."""
+    """A copy of ``model`` (frozen unless ``train_network``) with trainable gates (initialised from ``gates``) and
+    relaxed top-k masks after each gated BN; every forward pass draws each group's runtime ratio from
+    ``ratio_range`` (k = the ratio times the group's channels, rounded; a plan's own counts may differ from that
+    by one channel). ``release()`` hands back the copy without the masks."""
 
     def __init__(self, model: nn.Module, graph: GroupGraph, gates: dict, ratio_range: tuple[float, float],
-                 generator: torch.Generator):
+                 generator: torch.Generator, train_network: bool = False):
         super().__init__()
         self.net = copy.deepcopy(model)
-        self.net.requires_grad_(False)
+        if not train_network:
+            self.net.requires_grad_(False)
         self.ratio_range, self.generator = ratio_range, generator
         self.linears = nn.ModuleDict()
         mods = dict(self.net.named_modules())
         self._scores: dict[str, torch.Tensor] = {}
+        self._handles: list = []
         for v in gate_layout(graph):
             if v is None or f"gate{v[0]}.weight" not in gates:
                 continue
@@ -168,8 +176,8 @@ class GatedForTraining(nn.Module):
                 lin.weight.copy_(w)
                 lin.bias.copy_(gates[f"gate{i}.bias"])
             self.linears[str(i)] = lin
-            mods[prod].register_forward_pre_hook(self._score_hook(str(i)))
-            mods[bn].register_forward_hook(self._mask_hook(str(i)))
+            self._handles += [mods[prod].register_forward_pre_hook(self._score_hook(str(i))),
+                              mods[bn].register_forward_hook(self._mask_hook(str(i)))]
 
     def _score_hook(self, key: str):
         def hook(_m, inp):
@@ -187,6 +195,13 @@ class GatedForTraining(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def release(self) -> nn.Module:
+        """The network copy with the training masks removed (this wrapper is unusable afterwards)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return self.net
 
     def gates(self) -> dict:
         """The trained gates, in the format of ``fit_runtime_predictor``'s."""
@@ -224,3 +239,24 @@ def train_gates_end_to_end(
                        progress=progress, desc="training runtime gates")
     report = {"gate_train_loss": loss, "gate_train_seconds": time.perf_counter() - t0, "gate_train_steps": steps}
     return gated.gates(), report
+
+
+def finetune_with_gates(
+    model: nn.Module, graph: GroupGraph, gates: dict, data: DatasetSplits, steps: int, runtime_ratio: float,
+    seed: int = 0, gate_lr: float = 1e-3, device: str | torch.device = "cpu", progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of ``model`` (a plan's pruned network, ``gates`` sliced to it) jointly with its gates for
+    ``steps`` steps (module docstring): the network by ``envs.finetune``'s recipe, the gates by Adam at
+    ``gate_lr``, every gated group computing ``runtime_ratio`` of its channels per input. Returns the fine-tuned
+    network (eval mode, no gates installed) and the trained gates."""
+    if not 0 < runtime_ratio <= 1:
+        raise ValueError(f"runtime_ratio={runtime_ratio!r} must be in (0, 1]")
+    if not gate_lr > 0:
+        raise ValueError(f"gate_lr={gate_lr!r} must be > 0")
+    gated = GatedForTraining(model, graph, gates, (runtime_ratio, runtime_ratio),
+                             torch.Generator().manual_seed(seed), train_network=True)
+    gate_opt = torch.optim.Adam(gated.linears.parameters(), lr=gate_lr)
+    finetune(gated, data, steps, seed=seed, progress=progress, device=device, sgd_module=gated.net,
+             extra_optimizers=[gate_opt])
+    trained = gated.gates()
+    return gated.release().eval(), trained

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import envs.importance as importance
-from envs.gates import relaxed_topk, train_gates_end_to_end
+from envs.gates import finetune_with_gates, relaxed_topk, train_gates_end_to_end
 
 from baselines.experiments import runtime_gating as rg
 
@@ -108,7 +108,7 @@ def test_equal_flops_plans_differ_only_in_how_the_gated_groups_are_cut(make_env)
 
 def test_compare_writes_every_arm_and_judges_the_goal(tiny_gym_kwargs, tmp_path):
     out = tmp_path / "rg"
-    summary = rg.compare("ChannelPrune-ResNet20-v0", [0.5], [0, 1], out, arms=("static", "trained"),
+    summary = rg.compare("ChannelPrune-ResNet20-v0", [0.5], [0, 1], out, arms=("static", "trained", "joint"),
                          gate_steps=3, finetune_steps=2, env_kwargs={**tiny_gym_kwargs, "device": "cpu"},
                          progress=False)
     with open(out / "runtime-gating.csv", newline="") as f:
@@ -116,14 +116,15 @@ def test_compare_writes_every_arm_and_judges_the_goal(tiny_gym_kwargs, tmp_path)
     got = sorted((r["arm"], r["seed"], r["phase"]) for r in lines)
     after = [(arm, seed, phase) for arm in ("static", "trained") for seed in ("0", "1")
              for phase in ("after", "after_regated")]
+    joint = [("joint", seed, "after") for seed in ("0", "1")]  # fine-tuned with its gates: one row
     assert got == sorted([("static", "", "before"), ("ridge", "", "before"), ("trained", "0", "before"),
-                          ("trained", "1", "before"), *after])
+                          ("trained", "1", "before"), *after, *joint])
     for r in lines:
         assert float(r["effective_flops"]) <= 0.5 + 1e-6 and 0 <= float(r["test_acc"]) <= 1
     static = next(r for r in lines if r["arm"] == "static")
     trained = next(r for r in lines if r["arm"] == "trained")
     assert float(trained["params_ratio"]) > float(static["params_ratio"])  # gated groups stay whole in storage
-    assert (0.5, "trained", "after") in summary["differences"]
+    assert (0.5, "trained", "after") in summary["differences"] and (0.5, "joint", "after") in summary["differences"]
     # the "ridge" arm runs the ridge gates (the env's default are the trained ones)
     import gymnasium as gym
 
@@ -147,9 +148,10 @@ def _lines(diffs: list[float], budget: float = 0.3) -> list[dict]:
 
 
 def test_the_goal_needs_the_whole_paired_interval_a_point_above_static():
-    assert rg.summarize(_lines([0.030, 0.032, 0.031]))["goal_met"] == {"after": True}
-    assert rg.summarize(_lines([0.030, 0.0, 0.06]))["goal_met"] == {"after": False}  # mean 3 points, wide
-    assert rg.summarize(_lines([0.008, 0.009, 0.0085]))["goal_met"] == {"after": False}  # sure, but < 1 point
+    met = {("trained", "after"): True}
+    assert rg.summarize(_lines([0.030, 0.032, 0.031]))["goal_met"] == met
+    assert rg.summarize(_lines([0.030, 0.0, 0.06]))["goal_met"] == {("trained", "after"): False}  # mean 3, wide
+    assert rg.summarize(_lines([0.008, 0.009, 0.0085]))["goal_met"] == {("trained", "after"): False}  # < 1 point
     assert rg.summarize(_lines([0.05, 0.05, 0.05], budget=0.5))["goal_met"] == {}  # the goal is at 0.3
 
 
@@ -174,5 +176,28 @@ def test_merge_counts_deterministic_rows_once(tmp_path):
     assert summary["estimates"][0.3, "static", "before"].n == 1
     assert summary["estimates"][0.3, "trained", "after"].n == 3
     assert summary["differences"][0.3, "trained", "after"].mean == pytest.approx(0.03)
-    assert summary["goal_met"] == {"after": True}
+    assert summary["goal_met"] == {("trained", "after"): True}
     assert "**met**" in (tmp_path / "m" / "runtime-gating.md").read_text()
+
+
+def test_joint_finetune_trains_network_and_gates_and_hands_back_a_plain_network(make_env):
+    """FBS-style joint fine-tune: both the network and its gates move, the caller's network is left alone, the
+    result carries no training masks, and a seed fixes the outcome."""
+    problem = make_env(mode="runtime", budget=0.5, runtime_gates="ridge").problem
+    plan = rg.equal_flops_plans(problem)["runtime"]
+    specs = problem.gate_specs(*plan[:2])
+    net = problem.build_pruned(*plan[:2], gates=False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    gates = {f"gate{i}.{k}": getattr(s, k) for i, s in specs.items() for k in ("weight", "bias")}
+    runs = [finetune_with_gates(net, problem.graph, gates, problem.data, 3, plan[3], seed=1, device="cpu",
+                                progress=False) for _ in range(2)]
+    (tuned, trained), (tuned2, trained2) = runs
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # a copy was trained
+    assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in before.items() if v.is_floating_point())
+    assert any(not torch.equal(trained[k], gates[k]) for k in gates)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tuned.modules())
+    assert not tuned.training
+    assert all(torch.equal(v, tuned2.state_dict()[k]) for k, v in tuned.state_dict().items())
+    assert all(torch.equal(trained[k], trained2[k]) for k in trained)
+    with pytest.raises(ValueError, match="runtime_ratio=1.5"):
+        finetune_with_gates(net, problem.graph, gates, problem.data, 1, 1.5, device="cpu", progress=False)
