@@ -75,9 +75,9 @@ class ChannelPruneEnv(gym.Env):
     | 11  | budget_left          | fraction of the remaining reducible cost that the budget still allows      |
     | 12-16 | static_q10..q90    | quantiles of the group's static importance / its maximum                   |
     | 17  | static_top25_mass    | share of static importance in the top quarter of the channels              |
-    | 18  | runtime_top25_mass   | mean per-input share of runtime saliency in its top quarter (0 if no gate) |
-    | 19  | runtime_top50_mass   | same for the top half                                                      |
-    | 20  | runtime_spread       | input dependence: 1 - mean rank correlation of two inputs' saliencies      |
+    | 18  | runtime_top25_mass   | per-input share of activation mass in the gate's top quarter (0: no gate)  |
+    | 19  | runtime_top50_mass   | same for the gate's top half                                               |
+    | 20  | runtime_spread       | input dependence: 1 - mean rank correlation of two inputs' gate scores     |
     | 21  | gated                | 1 if the group has a runtime gate                                          |
     | 22  | budget               | the budget (fraction of the target cost kept)                              |
 

@@ -76,18 +76,20 @@ def _input_sizes(model: nn.Module, names: list[str], example_input: torch.Tensor
 
 @torch.no_grad()
 def runtime_summaries(predictors: ImportancePredictors, model: nn.Module, graph, x: torch.Tensor) -> np.ndarray:
-    """Per gated group: mean share of runtime saliency in the top quarter and half of the channels, and input
-    dependence (1 - mean rank correlation of two inputs' saliencies); zeros for groups without a gate."""
+    """Per gated group: the mean per-input share of the group's activation mass (post-ReLU channel means) in the
+    quarter and the half of the channels its gate picks, and input dependence (1 - mean rank correlation of two
+    inputs' gate scores); zeros for groups without a gate. Only the gates' rankings are used: trained gates'
+    scores have no scale of their own."""
     out = np.zeros((len(graph.groups), 3))
-    for i, (xin, _y) in collect_gate_data(model, graph, x).items():
+    for i, (xin, act) in collect_gate_data(model, graph, x).items():
         if not predictors.has_gate(i):
             continue
-        sal = (xin @ predictors.gates[f"gate{i}.weight"].T + predictors.gates[f"gate{i}.bias"]).clamp_min(0)
-        srt = sal.sort(1, descending=True).values
+        sal = xin @ predictors.gates[f"gate{i}.weight"].T + predictors.gates[f"gate{i}.bias"]
+        picked = act.gather(1, sal.argsort(1, descending=True))  # activations in the gate's order
         c = sal.shape[1]
-        tot = srt.sum(1).clamp_min(1e-12)
-        out[i, 0] = (srt[:, : max(1, c // 4)].sum(1) / tot).mean().item()
-        out[i, 1] = (srt[:, : max(1, c // 2)].sum(1) / tot).mean().item()
+        tot = act.sum(1).clamp_min(1e-12)
+        out[i, 0] = (picked[:, : max(1, c // 4)].sum(1) / tot).mean().item()
+        out[i, 1] = (picked[:, : max(1, c // 2)].sum(1) / tot).mean().item()
         ranks = sal.argsort(1).argsort(1).float()
         ranks = ranks - ranks.mean(1, keepdim=True)
         ranks = ranks / ranks.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,3 +202,25 @@ def test_joint_finetune_trains_network_and_gates_and_hands_back_a_plain_network(
     assert all(torch.equal(trained[k], trained2[k]) for k in trained)
     with pytest.raises(ValueError, match="runtime_ratio=1.5"):
         finetune_with_gates(net, problem.graph, gates, problem.data, 1, 1.5, device="cpu", progress=False)
+
+
+def test_runtime_features_measure_the_activation_mass_the_gates_pick(make_env):
+    """Observation features 18-20 read the gates' rankings only: the ridge gates' top quarter holds more of each
+    input's activation mass than a quarter of the channels, gates that rank at random hold about a quarter, and
+    rescaling a gate (trained gates have no scale of their own) changes nothing."""
+    from envs.observation import runtime_summaries
+
+    problem = make_env(mode="runtime", runtime_gates="ridge").problem
+    model, graph, x = problem.base_model, problem.graph, problem.data.calib.x[:128]
+    ridge = runtime_summaries(problem.predictors, model, graph, x)
+    gated = [i for i in range(problem.n_groups) if problem.predictors.has_gate(i)]
+    assert gated and not ridge[[i for i in range(problem.n_groups) if i not in gated]].any()
+    assert (ridge[gated, 0] > 0.3).all() and (ridge[gated, 1] > ridge[gated, 0]).all()
+    assert (ridge[gated, 1] <= 1 + 1e-6).all()
+
+    gen = torch.Generator().manual_seed(0)
+    rescaled = problem.with_gates({k: 7.0 * v for k, v in problem.predictors.gates.items()}).predictors
+    assert np.allclose(runtime_summaries(rescaled, model, graph, x), ridge, atol=1e-6)
+    noise = problem.with_gates({k: torch.randn(v.shape, generator=gen) for k, v in problem.predictors.gates.items()})
+    random = runtime_summaries(noise.predictors, model, graph, x)
+    assert random[gated, 0].mean() < ridge[gated, 0].mean() - 0.05
