@@ -91,7 +91,8 @@ def finetune(
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        train_steps(model, data.train, steps, [opt, *extra_optimizers], batch_indices(n, batch_size, gen, "epoch_drop_last"),
+        batches = batch_indices(n, batch_size, gen, "epoch_drop_last")
+        train_steps(model, data.train, steps, [opt, *extra_optimizers], batches,
                     schedulers=[sched], generator=gen, pad=PAD, flip=FLIP, label_smoothing=LABEL_SMOOTHING,
                     bf16=True, device=be, progress=progress, desc="finetune")
     return model.eval()

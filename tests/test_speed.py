@@ -31,9 +31,12 @@ def test_runtime_batch1_latency_reports_the_gated_net_at_its_effective_flops(tin
         assert r["effective_flops_ratio"] <= 0.5 + 1e-9 and r["static_flops_ratio"] <= 0.5 + 1e-9
         assert r["effective_flops_ratio"] > 0.4  # fitted to the budget, not far below it
         assert 0 < r["runtime_ratio"] < 1
-        for key in ("unpruned_ms", "gated_ms", "static_ms"):
+        for key in ("unpruned_ms", "gated_ms", "static_ms", "mixed_ms"):
             assert r[key] > 0, key
         assert r["gated_over_unpruned"] == r["gated_ms"] / r["unpruned_ms"]
+        # the accuracy comparison's runtime plan: static cuts outside the gates, per-input shares inside
+        assert 0.4 < r["mixed_effective_flops_ratio"] <= 0.5 + 1e-9
+        assert 0 < r["mixed_static_keep"] < 1 and 0 < r["mixed_runtime_ratio"] < 1
     # the same networks at both sizes: the plans do not depend on the input size
     assert larger["effective_flops_ratio"] == native["effective_flops_ratio"]
     with pytest.raises(ValueError, match="image_sizes"):

@@ -25,8 +25,8 @@ plan's runtime share in place, the gates trained by Adam alongside); it has an `
 the gate trainings and the fine-tune; the static plan before fine-tuning is deterministic.
 
 The goal (issue 12): runtime mode at least 1 point above static at equal effective FLOPs at budget 0.3, with its
-whole interval over seeds, judged per runtime arm and phase. ``runtime-gating.md`` states whether it is met; ``runtime-gating.csv`` has one line per
-(budget, arm, seed, phase), written as each finishes.
+whole interval over seeds, judged per runtime arm and phase. ``runtime-gating.md`` states whether it is met;
+``runtime-gating.csv`` has one line per (budget, arm, seed, phase), written as each finishes.
 """
 
 from __future__ import annotations
