@@ -58,13 +58,22 @@ FIELDS = ("budget", "arm", "seed", "phase", "test_acc", "effective_flops", "para
           "runtime_ratio", "seconds")
 
 
-def equal_flops_plans(problem: PruningProblem) -> dict[str, tuple[list[int], list[int], float, float]]:
+RUNTIME_PLANS = ("shared", "whole")
+
+
+def equal_flops_plans(problem: PruningProblem, runtime_plan: str = "shared"
+                      ) -> dict[str, tuple[list[int], list[int], float, float]]:
     """The static and the runtime plan at ``problem``'s budget (module docstring): per arm the channel counts
-    (kept, computed per input), the static share ``u`` and the runtime share ``q``."""
+    (kept, computed per input), the static share ``u`` and the runtime share ``q``. ``runtime_plan="whole"``
+    keeps the ungated (residual-stream) groups whole in the runtime plan instead of cutting them to ``u``: all
+    of the network is stored, and the gated groups compute less per input to pay for it."""
+    if runtime_plan not in RUNTIME_PLANS:
+        raise ValueError(f"runtime_plan={runtime_plan!r} is not allowed; allowed: {', '.join(RUNTIME_PLANS)}")
     cost, n = problem.cost, problem.n_groups
     u = cost.fit_parameter(lambda v: ([v] * n, None), cost.min_keep, 1.0)
     static = cost.plan_counts([u] * n)
-    storage = [1.0 if problem.gated[i] else u for i in range(n)]
+    ungated = u if runtime_plan == "shared" else 1.0
+    storage = [1.0 if problem.gated[i] else ungated for i in range(n)]
     q = cost.fit_parameter(lambda v: (storage, [v] * n), cost.min_keep, 1.0)
     runtime = cost.plan_counts(storage, [q] * n)
     return {"static": (*static, u, 1.0), "runtime": (*runtime, u, q)}
@@ -129,12 +138,14 @@ def _after_joint(problem: PruningProblem, kept, rt, runtime_share: float, finetu
 
 def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Path, arms: Sequence[str] = ARMS,
             gate_steps: int = 100, finetune_steps: int = 200, env_kwargs: dict | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, runtime_plan: str = "shared") -> dict:
     """Run the comparison (module docstring); writes ``runtime-gating.csv`` and ``runtime-gating.md`` into
     ``out`` and returns the summary."""
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise ValueError(f"arms={list(arms)!r}: allowed {', '.join(ARMS)}")
+    if runtime_plan not in RUNTIME_PLANS:
+        raise ValueError(f"runtime_plan={runtime_plan!r} is not allowed; allowed: {', '.join(RUNTIME_PLANS)}")
     if not budgets or any(not 0.0 < b < 1.0 for b in budgets):
         raise ValueError(f"budgets={list(budgets)!r} must be effective-FLOPs budgets in (0, 1)")
     if not seeds or len(set(seeds)) != len(seeds):
@@ -165,7 +176,7 @@ def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Pa
 
         for budget in budgets:
             problem = base.with_budget(budget)
-            plans = equal_flops_plans(problem)
+            plans = equal_flops_plans(problem, runtime_plan)
             for arm in ("static", "ridge"):  # deterministic before the fine-tune (and cheap): once each
                 plan = plans["static" if arm == "static" else "runtime"]
                 t0 = time.perf_counter()
@@ -287,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--runtime-plan", default="shared", choices=RUNTIME_PLANS,
+                   help="the runtime plan's ungated groups: cut like the static plan's (shared) or kept whole")
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--out", default="results/runtime-gating")
@@ -302,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                   args.merge_machine, args.gate_steps, args.finetune_steps)
         else:
             compare(env_id, args.budgets, args.seeds, Path(args.out), args.arms, args.gate_steps,
-                    args.finetune_steps, kwargs, progress=not args.no_progress)
+                    args.finetune_steps, kwargs, progress=not args.no_progress, runtime_plan=args.runtime_plan)
     except ValueError as exc:
         p.error(str(exc))
     print((Path(args.out) / "runtime-gating.md").read_text())
