@@ -106,8 +106,8 @@ def test_equal_flops_plans_differ_only_in_how_the_gated_groups_are_cut(make_env)
     # both spend most of the budget (the tiny net's few channels round it down)
     assert problem.cost.ratios(ks, rs)["effective"] > 0.4 and problem.cost.ratios(kr, rr)["effective"] > 0.4
     # "whole": the ungated groups stored and computed whole; the gated ones pay for it per input
-    kw, rw, _, qw = rg.equal_flops_plans(problem, "whole")["runtime"]
-    assert kw == problem.cost.k_full and qw < q
+    kw, rw, uw, qw = rg.equal_flops_plans(problem, "whole")["runtime"]
+    assert kw == problem.cost.k_full and uw == 1.0 and qw < q
     assert all(rw[i] == kw[i] for i, g in enumerate(problem.gated) if not g)
     assert 0.4 < problem.cost.ratios(kw, rw)["effective"] <= 0.5 + 1e-6
     with pytest.raises(ValueError, match="runtime_plan='half'"):

@@ -64,9 +64,9 @@ RUNTIME_PLANS = ("shared", "whole")
 def equal_flops_plans(problem: PruningProblem, runtime_plan: str = "shared"
                       ) -> dict[str, tuple[list[int], list[int], float, float]]:
     """The static and the runtime plan at ``problem``'s budget (module docstring): per arm the channel counts
-    (kept, computed per input), the static share ``u`` and the runtime share ``q``. ``runtime_plan="whole"``
-    keeps the ungated (residual-stream) groups whole in the runtime plan instead of cutting them to ``u``: all
-    of the network is stored, and the gated groups compute less per input to pay for it."""
+    (kept, computed per input), the static share of the ungated groups and the runtime share.
+    ``runtime_plan="whole"`` keeps the ungated (residual-stream) groups whole in the runtime plan instead of
+    cutting them to ``u``: all of the network is stored, and the gated groups compute less per input to pay."""
     if runtime_plan not in RUNTIME_PLANS:
         raise ValueError(f"runtime_plan={runtime_plan!r} is not allowed; allowed: {', '.join(RUNTIME_PLANS)}")
     cost, n = problem.cost, problem.n_groups
@@ -76,7 +76,7 @@ def equal_flops_plans(problem: PruningProblem, runtime_plan: str = "shared"
     storage = [1.0 if problem.gated[i] else ungated for i in range(n)]
     q = cost.fit_parameter(lambda v: (storage, [v] * n), cost.min_keep, 1.0)
     runtime = cost.plan_counts(storage, [q] * n)
-    return {"static": (*static, u, 1.0), "runtime": (*runtime, u, q)}
+    return {"static": (*static, u, 1.0), "runtime": (*runtime, ungated, q)}
 
 
 def _before(problem: PruningProblem, kept, rt) -> float:
