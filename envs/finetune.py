@@ -21,9 +21,8 @@ The model is trained **in place** (on ``device``; handed back on the device it c
 mode; pass a copy to keep the original. Gated (runtime-mode) models work unchanged: the gates are forward hooks
 or wrapper modules whose gate weights are plain tensors, so only the network's own parameters are trained
 (``envs.gates.finetune_with_gates`` trains gates and network together, through ``sgd_module`` and
-``extra_optimizers``). Runs are
-deterministic for a seed (the global torch RNG is forked, so the caller's random state is untouched; dropout draws
-from the seeded fork).
+``extra_optimizers``). Runs are deterministic for a seed (the global torch RNG is forked, so the caller's random
+state is untouched; dropout draws from the seeded fork).
 """
 
 from __future__ import annotations
