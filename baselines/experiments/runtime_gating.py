@@ -61,14 +61,18 @@ FIELDS = ("budget", "arm", "seed", "phase", "test_acc", "effective_flops", "para
 RUNTIME_PLANS = ("shared", "whole")
 
 
+def _check_runtime_plan(runtime_plan: str) -> None:
+    if runtime_plan not in RUNTIME_PLANS:
+        raise ValueError(f"runtime_plan={runtime_plan!r} is not allowed; allowed: {', '.join(RUNTIME_PLANS)}")
+
+
 def equal_flops_plans(problem: PruningProblem, runtime_plan: str = "shared"
                       ) -> dict[str, tuple[list[int], list[int], float, float]]:
     """The static and the runtime plan at ``problem``'s budget (module docstring): per arm the channel counts
     (kept, computed per input), the static share of the ungated groups and the runtime share.
     ``runtime_plan="whole"`` keeps the ungated (residual-stream) groups whole in the runtime plan instead of
     cutting them to ``u``: all of the network is stored, and the gated groups compute less per input to pay."""
-    if runtime_plan not in RUNTIME_PLANS:
-        raise ValueError(f"runtime_plan={runtime_plan!r} is not allowed; allowed: {', '.join(RUNTIME_PLANS)}")
+    _check_runtime_plan(runtime_plan)
     cost, n = problem.cost, problem.n_groups
     u = cost.fit_parameter(lambda v: ([v] * n, None), cost.min_keep, 1.0)
     static = cost.plan_counts([u] * n)
@@ -144,8 +148,7 @@ def compare(env_id: str, budgets: Sequence[float], seeds: Sequence[int], out: Pa
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise ValueError(f"arms={list(arms)!r}: allowed {', '.join(ARMS)}")
-    if runtime_plan not in RUNTIME_PLANS:
-        raise ValueError(f"runtime_plan={runtime_plan!r} is not allowed; allowed: {', '.join(RUNTIME_PLANS)}")
+    _check_runtime_plan(runtime_plan)  # before the env is built
     if not budgets or any(not 0.0 < b < 1.0 for b in budgets):
         raise ValueError(f"budgets={list(budgets)!r} must be effective-FLOPs budgets in (0, 1)")
     if not seeds or len(set(seeds)) != len(seeds):

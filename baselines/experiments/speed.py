@@ -183,10 +183,8 @@ def runtime_latency(env_id: str, effective: float, env_kwargs: dict, batch_size:
     # the ridge gates: which channels a gate picks does not change the time, so the trained ones are not needed
     env = gym.make(env_id, **{**env_kwargs, "mode": "runtime", "budget": effective, "storage_budget": 1.0,
                               "runtime_gates": "ridge"}).unwrapped
-    cost, n, whole = env.cost, env.n_groups, [1.0] * env.n_groups
-    u = cost.fit_parameter(lambda u: (whole, [u] * n), env.min_keep, 1.0)
-    kept, rt = cost.plan_counts(whole, [u] * n)
-    equal = equal_flops_plans(env.problem)
+    cost, equal = env.cost, equal_flops_plans(env.problem)
+    kept, rt, _, u = equal_flops_plans(env.problem, "whole")["runtime"]  # nothing static, gated groups at u
     kept_static, rt_static = equal["static"][:2]
     kept_mixed, rt_mixed, _, q_mixed = equal["runtime"]
     nets = {"gated": env.build_pruned(kept, rt, sparse=True), "static": env.build_pruned(kept_static, rt_static),
