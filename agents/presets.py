@@ -27,7 +27,7 @@ from .relative_actions import check_actions
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 EXTRA_KEYS = {
-    "on": ("policy", "actions", "n_steps_episodes", "episode_reward", "baseline_alpha"),
+    "on": ("policy", "actions", "n_steps_episodes", "episode_reward", "baseline_alpha", "final_std"),
     "off": ("policy", "actions", "warmup_episodes", "noise", "episode_reward", "baseline_alpha"),
 }
 # set by the trainer itself, never by a preset
@@ -108,6 +108,7 @@ class Resolved:
     actions: str = "absolute"  # "relative": the envs are wrapped in RelativeActions
     episode_reward: bool = False
     baseline_alpha: float = 0.5
+    final_std: float | None = None  # on-policy: cap the Gaussian's std, falling to this (callbacks.ExplorationDecay)
     record: dict[str, Any] = field(default_factory=dict)  # yaml-safe view of the resolved hyperparameters
 
 
@@ -119,6 +120,13 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
     episode_reward = bool(hp.pop("episode_reward", False))
     alpha = float(hp.pop("baseline_alpha", 0.5))
     actions = check_actions(hp.pop("actions", "absolute"))
+    final_std = hp.pop("final_std", None)
+    if final_std is not None:
+        if isinstance(final_std, bool) or not isinstance(final_std, (int, float)) or not 0 < final_std <= 1:
+            raise ValueError(f"final_std={final_std!r} must be a number in (0, 1] (a std in the [-1, 1] actions)")
+        if hp.get("policy") == "BetaMlpPolicy" or hp.get("policy") is BetaMlpPolicy:
+            raise ValueError("final_std caps a Gaussian's std; policy='BetaMlpPolicy' has none")
+        final_std = float(final_std)
     hp.setdefault("policy", "MlpPolicy")
     record["policy"] = getattr(hp["policy"], "__name__", hp["policy"])
     if isinstance(hp["policy"], str):
@@ -169,7 +177,10 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
                                             int(hp.get("learning_starts", _default_of(algo, "learning_starts"))))
     record.update({k: v for k, v in hp.items() if k not in ("action_noise", "policy")})
     record["episode_reward"], record["baseline_alpha"], record["actions"] = episode_reward, alpha, actions
-    return Resolved(kwargs=hp, actions=actions, episode_reward=episode_reward, baseline_alpha=alpha, record=record)
+    if final_std is not None:
+        record["final_std"] = final_std
+    return Resolved(kwargs=hp, actions=actions, episode_reward=episode_reward, baseline_alpha=alpha,
+                    final_std=final_std, record=record)
 
 
 def make_noise(spec: dict[str, Any], action_dim: int, episode_len: int, n_envs: int, learning_starts: int):

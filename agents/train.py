@@ -36,12 +36,13 @@ from typing import Any
 
 import stable_baselines3
 import torch
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import HumanOutputFormat, Logger
 
 from envs.cli import parse_key_values
 
 from .algos import ALGOS, ON_POLICY
-from .callbacks import EpisodeRecorder
+from .callbacks import EpisodeRecorder, ExplorationDecay
 from .common import (
     BEST_FILE,
     CONFIG_FILE,
@@ -164,7 +165,9 @@ def train(
         t0 = time.perf_counter()
         status = "finished"
         try:
-            model.learn(total_timesteps=total, callback=recorder, tb_log_name=algo, progress_bar=False)
+            callbacks = [recorder] + ([ExplorationDecay(res.final_std, total)] if res.final_std is not None else [])
+            model.learn(total_timesteps=total, callback=CallbackList(callbacks), tb_log_name=algo,
+                        progress_bar=False)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             status = "interrupted" if interrupted else f"failed: {type(exc).__name__}: {exc}"

@@ -439,6 +439,37 @@ def test_beta_policy_acts_inside_the_bounds_with_the_right_density(tmp_path):
         ALGOS["ppo"](BetaMlpPolicy, "Pendulum-v1", device="cpu")
 
 
+def test_exploration_decay_caps_ppos_std_down_to_final_std(tmp_path):
+    """final_std: every rollout acts with a std under the falling cap, the run ends at final_std (recorded),
+    the caps fall from the initial std, and a policy without a Gaussian std is refused by name."""
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
+    stds = []
+
+    class Spy(train_mod.ExplorationDecay):
+        def _on_rollout_start(self) -> None:
+            super()._on_rollout_start()
+            stds.append((self.cap(), float(self.model.policy.log_std.detach().max())))
+
+    orig = train_mod.ExplorationDecay
+    train_mod.ExplorationDecay = Spy
+    try:
+        run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False,
+                    n_steps_episodes=2, final_std=0.1)
+    finally:
+        train_mod.ExplorationDecay = orig
+    caps = [c for c, _ in stds]
+    assert len(stds) == 6 and caps[0] == pytest.approx(-0.5) and all(np.diff(caps) < 0)  # preset log_std_init
+    assert all(s <= c + 1e-6 for c, s in stds)  # each rollout acted under the cap
+    assert caps[-1] > np.log(0.1)  # the last rollout starts before the end, above the final value
+    assert yaml.safe_load((run / "config.yaml").read_text())["hyperparams"]["final_std"] == 0.1
+    model = ALGOS["ppo"].load(run / "model.zip", device="cpu")
+    assert model.policy.log_std.max().item() <= caps[-1] + 0.1  # one update after the last cap: near it
+    with pytest.raises(ValueError, match="final_std=2"):
+        resolve("ppo", {**get_preset("ppo", ENV_ID), "final_std": 2}, 12, 1, 1)
+    with pytest.raises(ValueError, match="BetaMlpPolicy"):
+        resolve("ppo", {**get_preset("ppo", ENV_ID), "policy": "BetaMlpPolicy", "final_std": 0.1}, 12, 1, 1)
+
+
 # ---------------------------------------------------------------------------------------------- AMC noise
 def test_truncated_normal_noise_stays_in_bounds_and_decays():
     np.random.seed(0)
