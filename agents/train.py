@@ -87,6 +87,7 @@ def train(
     presets: str | Path | dict | None = None,
     tensorboard: bool = True,
     verbose: int = 0,
+    init_from: str | Path | None = None,
     **overrides: Any,
 ) -> Path:
     """Train ``algo`` on ``env_id`` and return the run directory.
@@ -106,6 +107,9 @@ def train(
         episode_reward: AMC's episode-level reward assignment (None: the preset's choice).
         presets: a preset file or dict instead of the packaged ``agents/presets.yaml``.
         tensorboard: write TensorBoard logs under ``<out>/tb``.
+        init_from: a run directory of the same algo (any ChannelPrune env: the observation has the same length
+            for every model) whose ``model.zip`` policy weights start this run, e.g. a ResNet-20 agent for a
+            ResNet-56 search. The optimizer starts afresh.
         **overrides: hyperparameters overriding the preset (SB3 arguments or preset keys such as
             ``warmup_episodes``).
     """
@@ -131,6 +135,7 @@ def train(
     if episode_reward is not None:
         hp["episode_reward"] = bool(episode_reward)
     actions = check_actions(hp.get("actions", "absolute"))
+    source = _check_init_from(init_from, algo) if init_from is not None else None
     run_dir = check_writable_dir(out if out is not None else default_run_dir(algo, env_id, seed))
     for stale in (BEST_FILE, MODEL_FILE):
         (run_dir / stale).unlink(missing_ok=True)
@@ -151,12 +156,15 @@ def train(
         config = {"algo": algo, "env_id": env_id, "env_kwargs": kw_ok, "env_kwargs_skipped": kw_skipped,
                   "seed": seed, "n_envs": n_envs, "episodes": episodes, "timesteps": timesteps,
                   "episode_len": n_groups, "hyperparams": res.record,
+                  "init_from": str(init_from) if init_from is not None else None,
                   "versions": {"stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__},
                   "status": "running"}
         write_yaml(run_dir / CONFIG_FILE, config)
 
         model = ALGOS[algo](env=vec_env, seed=seed, verbose=verbose,
                             tensorboard_log=str(run_dir / "tb") if tensorboard else None, **res.kwargs)
+        if source is not None:
+            _load_policy(model, algo, source, init_from)
         if not tensorboard:  # SB3's default logger would create an empty /tmp/SB3-<time> folder per run
             model.set_logger(Logger(None, [HumanOutputFormat(sys.stdout)] if verbose else []))
         total = episodes * n_groups if episodes is not None else timesteps
@@ -183,6 +191,35 @@ def train(
     return run_dir
 
 
+def _check_init_from(init_from: str | Path, algo: str) -> Path:
+    """The ``model.zip`` of run directory ``init_from``, checked to be one of ``algo``."""
+    run = Path(init_from)
+    cfg_path, model_path = run / CONFIG_FILE, run / MODEL_FILE
+    if not (cfg_path.is_file() and model_path.is_file()):
+        raise ValueError(f"init_from={str(init_from)!r} must be a run directory of agents.train with "
+                         f"{CONFIG_FILE} and {MODEL_FILE}")
+    import yaml
+
+    source_algo = (yaml.safe_load(cfg_path.read_text()) or {}).get("algo")
+    if source_algo != algo:
+        raise ValueError(f"init_from={str(init_from)!r} is a {source_algo!r} run; this run's algo is {algo!r}")
+    return model_path
+
+
+def _load_policy(model, algo: str, source: Path, init_from: str | Path) -> None:
+    """Copy the source run's policy weights into ``model`` (same spaces and network shapes required)."""
+    trained = ALGOS[algo].load(source, device=model.device)
+    if trained.observation_space.shape != model.observation_space.shape or \
+            trained.action_space.shape != model.action_space.shape:
+        raise ValueError(f"init_from={str(init_from)!r} acts on observations {trained.observation_space.shape} "
+                         f"and actions {trained.action_space.shape}; this env has "
+                         f"{model.observation_space.shape} and {model.action_space.shape}")
+    try:
+        model.policy.load_state_dict(trained.policy.state_dict())
+    except RuntimeError as exc:  # another net_arch or policy class
+        raise ValueError(f"init_from={str(init_from)!r} has a policy of another shape: {exc}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agents.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AMC's episode-level reward assignment (default: the preset's; on for ddpg)")
     p.add_argument("--hyperparams", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override preset hyperparameters, values parsed as YAML (learning_rate=1e-3)")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start from the policy weights of this run (same algo; e.g. trained on ResNet-20)")
     p.add_argument("--presets", help="a preset file instead of the packaged agents/presets.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
@@ -226,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                         n_envs=args.n_envs, seed=args.seed, out=out, ray_address=args.ray,
                         progress=not args.no_progress,
                         episode_reward=args.episode_reward, presets=args.presets,
-                        tensorboard=not args.no_tensorboard, verbose=args.verbose, **overrides)
+                        tensorboard=not args.no_tensorboard, verbose=args.verbose, init_from=args.init_from,
+                        **overrides)
     except ValueError as exc:
         parser.error(str(exc))
     except KeyboardInterrupt:

@@ -470,6 +470,28 @@ def test_exploration_decay_caps_ppos_std_down_to_final_std(tmp_path):
         resolve("ppo", {**get_preset("ppo", ENV_ID), "policy": "BetaMlpPolicy", "final_std": 0.1}, 12, 1, 1)
 
 
+def test_init_from_starts_a_run_from_another_models_policy(small_kwargs, tmp_path):
+    """A policy trained on one model starts a run on another (same observation length): before any update the
+    new run's policy is the source's; a run of another algo or without model.zip is refused by name."""
+    source = train("ppo", "ChannelPrune-ResNet20-v0", synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5),
+                   episodes=4, seed=0, out=tmp_path / "src", progress=False, tensorboard=False, n_steps_episodes=2)
+    # learning_rate 0: the run keeps the weights it started from, so the saved model shows what it loaded
+    run = train("ppo", ENV_ID, small_kwargs, episodes=2, seed=1, out=tmp_path / "dst", progress=False,
+                tensorboard=False, n_steps_episodes=2, learning_rate=0.0, init_from=source)
+    a = ALGOS["ppo"].load(source / "model.zip", device="cpu").policy.state_dict()
+    b = ALGOS["ppo"].load(run / "model.zip", device="cpu").policy.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((run / "config.yaml").read_text())["init_from"] == str(source)
+    fresh = ALGOS["ppo"].load(train("ppo", ENV_ID, small_kwargs, episodes=2, seed=1, out=tmp_path / "fresh",
+                                    progress=False, tensorboard=False, n_steps_episodes=2,
+                                    learning_rate=0.0) / "model.zip", device="cpu").policy.state_dict()
+    assert not all(torch.equal(a[k], fresh[k]) for k in a)  # the premise: without it, other weights
+    with pytest.raises(ValueError, match="is a 'ppo' run; this run's algo is 'a2c'"):
+        train("a2c", ENV_ID, small_kwargs, episodes=1, out=tmp_path / "x", progress=False, init_from=source)
+    with pytest.raises(ValueError, match="init_from="):
+        train("ppo", ENV_ID, small_kwargs, episodes=1, out=tmp_path / "y", progress=False, init_from=tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- AMC noise
 def test_truncated_normal_noise_stays_in_bounds_and_decays():
     np.random.seed(0)
