@@ -108,7 +108,7 @@ class Resolved:
     actions: str = "absolute"  # "relative": the envs are wrapped in RelativeActions
     episode_reward: bool = False
     baseline_alpha: float = 0.5
-    final_std: float | None = None  # on-policy: cap the Gaussian's std, falling to this (callbacks.ExplorationDecay)
+    final_std: float | None = None  # on-policy: the std cap at the run's end (callbacks.ExplorationDecay)
     record: dict[str, Any] = field(default_factory=dict)  # yaml-safe view of the resolved hyperparameters
 
 

@@ -173,7 +173,9 @@ def train(
         t0 = time.perf_counter()
         status = "finished"
         try:
-            callbacks = [recorder] + ([ExplorationDecay(res.final_std, total)] if res.final_std is not None else [])
+            callbacks = [recorder]
+            if res.final_std is not None:
+                callbacks.append(ExplorationDecay(res.final_std, total))
             model.learn(total_timesteps=total, callback=CallbackList(callbacks), tb_log_name=algo,
                         progress_bar=False)
         except BaseException as exc:
