@@ -6,8 +6,8 @@ import importlib
 
 from .base import REGISTRY, Baseline, cost_of_ratios, fit_to_budget
 
-_MODULES = ("uniform", "random_policy", "random_search", "l1", "neuron_merging", "pfp", "scop", "polarization",
-            "grda", "channel_gating")
+_MODULES = ("uniform", "uniform_internal", "random_policy", "random_search", "l1", "neuron_merging", "pfp", "scop",
+            "polarization", "grda", "channel_gating")
 
 
 def _load_all() -> None:

@@ -117,6 +117,29 @@ def test_uniform_l1_and_random_plans_are_their_statistic_at_one_scale(make_env):
     assert not np.allclose(rnd.setup().ratios, make_baseline("random", env, seed=6).setup().ratios)
 
 
+def test_uniform_internal_keeps_the_residual_streams_and_cuts_the_blocks_alike(make_env):
+    """Li et al. 2017's ResNet plan: residual-stream groups whole, one ratio inside the blocks, the largest within
+    the budget; at a budget the streams alone overspend, they are cut too and the plan still fits."""
+    env = make_env(budget=0.5)
+    stream = np.array([g.kind == "residual" for g in env.groups])
+    assert stream.any() and not stream.all()  # the premise: the tiny ResNet has both kinds
+    b = make_baseline("uniform_internal", env)
+    info = run_episode(b.setup().eval_env, b)[1]
+    assert info["clamp_total"] == 0.0 and info["kept_counts"] == env.cost.plan_counts(b.ratios)[0]
+    assert np.all(b.ratios[stream] == 1.0)
+    inner = b.ratios[~stream]
+    assert np.all(inner == inner[0]) and inner[0] < 0.5  # one ratio, paying for the whole streams
+    assert env.cost.fits(info["kept_counts"])
+    more = np.where(stream, 1.0, inner[0] + 1.0 / min(g.num_channels for g in env.groups))
+    assert not env.cost.fits(env.cost.plan_counts(more)[0])  # the largest ratio that fits
+    # not the uniform plan: the same budget shared otherwise
+    assert not np.allclose(b.ratios, make_baseline("uniform", env).setup().ratios)
+
+    low = make_env(budget=0.1)
+    lb = make_baseline("uniform_internal", low).setup()
+    assert np.all(lb.ratios[stream] < 1.0) and low.cost.fits(low.cost.plan_counts(lb.ratios)[0])
+
+
 # ============================================================================================ neuron merging
 def _plant_copies(conv: nn.Conv2d, bn: nn.BatchNorm2d, pairs: list[tuple[int, int]], gen: torch.Generator) -> None:
     """Make channel j an exact positive multiple of channel i after BN: z_j = s * z_i (w, mu, var, gamma, beta)."""

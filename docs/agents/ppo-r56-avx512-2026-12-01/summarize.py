@@ -21,6 +21,8 @@ for v in variants:
 rows = []
 for f, v in sources:
     for r in csv.DictReader(open(f)):
+        if r["status"] != "ok":  # e.g. a ResNet-20 run's best.json (12 groups) played on ResNet-56
+            continue
         if r["method"] == "unpruned" and any(x["method"] == "unpruned" for x in rows):
             continue
         if r["method"] != "unpruned" and float(r["budget"]) != float(B):
