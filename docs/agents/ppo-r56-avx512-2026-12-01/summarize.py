@@ -51,7 +51,7 @@ def welch(a, b):
     return f"{100 * (np.mean(a) - np.mean(b)):+.1f} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}]"
 
 
-static = [m for m in ["uniform", "l1", "l1_merge", "pfp", "scop", "polarization", "grda"] if m in by]
+static = [m for m in ["uniform_internal", "uniform", "l1", "l1_merge", "pfp", "scop", "polarization", "grda"] if m in by]
 best_static = max(static, key=lambda m: est[m].mean) if static else None
 lines = ["| method | seeds | reward split (selection), per seed | test, per seed | **test, mean [95% t interval]** | vs random search (intervals) | minus random search, points [Welch 95%] |", "|---|---|---|---|---|---|---|"]
 rs_test = [t for _, _, t in by["random_search"]]
