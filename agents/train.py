@@ -36,6 +36,7 @@ from typing import Any
 
 import stable_baselines3
 import torch
+import yaml
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import HumanOutputFormat, Logger
 
@@ -57,7 +58,7 @@ from .common import (
     write_yaml,
 )
 from .presets import check_keys, get_preset, load_presets, resolve
-from .relative_actions import check_actions
+from .relative_actions import actions_of_config, check_actions
 
 DEFAULT_EPISODES = 100
 
@@ -135,7 +136,7 @@ def train(
     if episode_reward is not None:
         hp["episode_reward"] = bool(episode_reward)
     actions = check_actions(hp.get("actions", "absolute"))
-    source = _check_init_from(init_from, algo) if init_from is not None else None
+    source = _check_init_from(init_from, algo, actions) if init_from is not None else None
     run_dir = check_writable_dir(out if out is not None else default_run_dir(algo, env_id, seed))
     for stale in (BEST_FILE, MODEL_FILE):
         (run_dir / stale).unlink(missing_ok=True)
@@ -193,18 +194,20 @@ def train(
     return run_dir
 
 
-def _check_init_from(init_from: str | Path, algo: str) -> Path:
-    """The ``model.zip`` of run directory ``init_from``, checked to be one of ``algo``."""
+def _check_init_from(init_from: str | Path, algo: str, actions: str) -> Path:
+    """The ``model.zip`` of run directory ``init_from``, checked to be one of ``algo`` acting as ``actions``
+    (a policy trained on relative actions means something else with absolute ones)."""
     run = Path(init_from)
     cfg_path, model_path = run / CONFIG_FILE, run / MODEL_FILE
     if not (cfg_path.is_file() and model_path.is_file()):
         raise ValueError(f"init_from={str(init_from)!r} must be a run directory of agents.train with "
                          f"{CONFIG_FILE} and {MODEL_FILE}")
-    import yaml
-
-    source_algo = (yaml.safe_load(cfg_path.read_text()) or {}).get("algo")
-    if source_algo != algo:
-        raise ValueError(f"init_from={str(init_from)!r} is a {source_algo!r} run; this run's algo is {algo!r}")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    if cfg.get("algo") != algo:
+        raise ValueError(f"init_from={str(init_from)!r} is a {cfg.get('algo')!r} run; this run's algo is {algo!r}")
+    if actions_of_config(cfg) != actions:
+        raise ValueError(f"init_from={str(init_from)!r} was trained with actions={actions_of_config(cfg)!r}; "
+                         f"this run's actions are {actions!r}")
     return model_path
 
 

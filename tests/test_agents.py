@@ -490,6 +490,9 @@ def test_init_from_starts_a_run_from_another_models_policy(small_kwargs, tmp_pat
         train("a2c", ENV_ID, small_kwargs, episodes=1, out=tmp_path / "x", progress=False, init_from=source)
     with pytest.raises(ValueError, match="init_from="):
         train("ppo", ENV_ID, small_kwargs, episodes=1, out=tmp_path / "y", progress=False, init_from=tmp_path)
+    with pytest.raises(ValueError, match="trained with actions='absolute'; this run's actions are 'relative'"):
+        train("ppo", ENV_ID, small_kwargs, episodes=1, out=tmp_path / "z", progress=False, init_from=source,
+              actions="relative")
 
 
 # ---------------------------------------------------------------------------------------------- AMC noise
