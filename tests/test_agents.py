@@ -439,7 +439,7 @@ def test_beta_policy_acts_inside_the_bounds_with_the_right_density(tmp_path):
         ALGOS["ppo"](BetaMlpPolicy, "Pendulum-v1", device="cpu")
 
 
-def test_exploration_decay_caps_ppos_std_down_to_final_std(tmp_path):
+def test_exploration_decay_caps_ppos_std_down_to_final_std(monkeypatch, tmp_path):
     """final_std: every rollout acts with a std under the falling cap, the run ends at final_std (recorded),
     the caps fall from the initial std, and a policy without a Gaussian std is refused by name."""
     kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
@@ -450,13 +450,9 @@ def test_exploration_decay_caps_ppos_std_down_to_final_std(tmp_path):
             super()._on_rollout_start()
             stds.append((self.cap(), float(self.model.policy.log_std.detach().max())))
 
-    orig = train_mod.ExplorationDecay
-    train_mod.ExplorationDecay = Spy
-    try:
-        run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False,
-                    n_steps_episodes=2, final_std=0.1)
-    finally:
-        train_mod.ExplorationDecay = orig
+    monkeypatch.setattr(train_mod, "ExplorationDecay", Spy)
+    run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False,
+                n_steps_episodes=2, final_std=0.1)
     caps = [c for c, _ in stds]
     assert len(stds) == 6 and caps[0] == pytest.approx(-0.5) and all(np.diff(caps) < 0)  # preset log_std_init
     assert all(s <= c + 1e-6 for c, s in stds)  # each rollout acted under the cap
