@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.episodes import unwrap
-
 from .base import Baseline, fit_to_budget, register
 
 
@@ -27,7 +25,7 @@ class UniformInternal(Baseline):
         stream = np.array([g.kind == "residual" for g in env.groups])
         if stream.all() or not stream.any():  # nothing to keep apart: the uniform plan
             return fit_to_budget(env, np.ones(env.n_groups))
-        cost = unwrap(env).cost
+        cost = env.cost  # eval_env is the unwrapped ChannelPruneEnv
         plan = lambda u: np.where(stream, 1.0, u)  # noqa: E731
         u = cost.fit_parameter(lambda u: (plan(u), None), env.min_keep, 1.0)
         if not cost.fits(cost.plan_counts(plan(u))[0]):  # the streams alone overspend: cut them too
