@@ -5,8 +5,8 @@
 * :class:`agents.policy.BestPolicy`: a run's ``best.json`` as a policy with SB3's ``predict``;
   :func:`agents.policy.make_env_from_best` rebuilds its env.
 * :func:`agents.evaluate.evaluate_run` / ``python -m agents.evaluate RUN_DIR``.
-* :class:`agents.relative_actions.RelativeActions`: actions as factors of the even keep ratio (preset
-  ``actions: relative``).
+* :class:`agents.relative_actions.RelativeActions` / ``AnchoredActions``: actions as factors of the even keep
+  ratio (preset ``actions: relative``) or of the ``uniform_internal`` plan (``actions: anchored``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 # Lazy exports: importing agents.train here would make ``python -m agents.train`` warn that the module is already
 # in sys.modules (and would import SB3 for ``import agents`` alone).
 _EXPORTS = {"ALGOS": "algos", "BestPolicy": "policy", "make_env_from_best": "policy", "evaluate_run": "evaluate",
-            "RelativeActions": "relative_actions"}
+            "RelativeActions": "relative_actions", "AnchoredActions": "relative_actions"}
 
 
 def __getattr__(name: str) -> Any:

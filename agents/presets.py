@@ -105,7 +105,7 @@ class Resolved:
     """SB3 constructor kwargs plus what the trainer does around them."""
 
     kwargs: dict[str, Any]
-    actions: str = "absolute"  # "relative": the envs are wrapped in RelativeActions
+    actions: str = "absolute"  # "relative" / "anchored": the envs are wrapped (agents/relative_actions.py)
     episode_reward: bool = False
     baseline_alpha: float = 0.5
     final_std: float | None = None  # on-policy: the std cap at the run's end (callbacks.ExplorationDecay)

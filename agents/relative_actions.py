@@ -19,6 +19,12 @@ A model trained with ``actions: relative`` (a preset key of ``agents/presets.yam
 Measured (README, "Relative actions"; PPO, 3 seeds x 300 episodes, budget 0.3): a tie with random search, and
 the policies' means still end at the bounds (in 2 of 3 seeds "-1 everywhere"), so the presets keep absolute
 actions; this is the ablation's other arm.
+
+``AnchoredActions`` (``actions: anchored``) asks for ``anchor[t] * SPREAD**a`` instead, where the anchor is a fixed
+plan: Li et al.'s ResNet plan (``CostModel.streams_whole``: residual streams whole, one ratio inside the blocks;
+the ``uniform_internal`` baseline). ``a = 0`` at every step is that plan, so the search starts from the structure
+the best plans were measured to share (README, "ResNet-56") and learns departures from it. Its control at equal
+evaluations is ``random_search_anchored``: the same plans a uniformly random policy would ask for.
 """
 
 from __future__ import annotations
@@ -26,10 +32,9 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from envs.budget import action_of_ratio
+from envs.budget import SPREAD, action_of_ratio
 
-ACTIONS = ("absolute", "relative")
-SPREAD = 3.0  # a = +1 asks for 3x the even ratio, a = -1 for a third of it
+ACTIONS = ("absolute", "relative", "anchored")
 
 
 def check_actions(actions: str) -> str:
@@ -47,14 +52,40 @@ class RelativeActions(gym.ActionWrapper):
             raise ValueError(f"spread={spread!r} must be a number > 1 (the factor a = +1 asks for)")
         self.spread = float(spread)
 
+    def reference(self) -> float:
+        """The ratio ``a = 0`` asks for at this step: the even keep ratio of what is left."""
+        return self.env.unwrapped.even_keep_ratio()
+
     def action(self, action):
         a = np.asarray(action, dtype=np.float64).reshape(-1).copy()
         if not np.all(np.isfinite(a)):
             return a  # the env names the bad action
         base = self.env.unwrapped
-        ratio = base.even_keep_ratio() * self.spread ** float(np.clip(a[0], -1.0, 1.0))
+        ratio = self.reference() * self.spread ** float(np.clip(a[0], -1.0, 1.0))
         a[0] = action_of_ratio(min(1.0, max(base.min_keep, ratio)), base.min_keep)
         return a
+
+
+class AnchoredActions(RelativeActions):
+    """Map an action in [-1, 1] to the env's action asking for ``anchor[t] * SPREAD**a`` (component 0), where
+    ``anchor`` is the env's ``cost.streams_whole()`` plan and ``t`` the step."""
+
+    def __init__(self, env: gym.Env, spread: float = SPREAD):
+        super().__init__(env, spread)
+        self.anchor = self.env.unwrapped.cost.streams_whole()
+        self._t = 0
+
+    def reference(self) -> float:
+        return float(self.anchor[min(self._t, len(self.anchor) - 1)])
+
+    def reset(self, **kwargs):
+        self._t = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        out = super().step(action)
+        self._t += 1
+        return out
 
 
 def actions_of_config(config: dict) -> str:
@@ -63,5 +94,6 @@ def actions_of_config(config: dict) -> str:
 
 
 def wrap_actions(env: gym.Env, actions: str) -> gym.Env:
-    """``env`` itself for ``"absolute"``, ``RelativeActions(env)`` for ``"relative"``."""
-    return RelativeActions(env) if check_actions(actions) == "relative" else env
+    """``env`` itself for ``"absolute"``, else the wrapper of ``actions``."""
+    wrapper = {"relative": RelativeActions, "anchored": AnchoredActions}.get(check_actions(actions))
+    return wrapper(env) if wrapper else env

@@ -24,6 +24,13 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
+def is_search(name: str) -> bool:
+    """Whether baseline ``name`` is a search at equal evaluations (random search and its variants): a control
+    that gets as many evaluations as the agents ran episodes, not a scripted method."""
+    _load_all()
+    return bool(getattr(REGISTRY.get(name), "equal_evaluations", False))
+
+
 def make_baseline(name: str, env, seed: int = 0, **kwargs) -> Baseline:
     _load_all()
     if name not in REGISTRY:
@@ -31,4 +38,4 @@ def make_baseline(name: str, env, seed: int = 0, **kwargs) -> Baseline:
     return REGISTRY[name](env, seed=seed, **kwargs)
 
 
-__all__ = ["Baseline", "REGISTRY", "available", "make_baseline", "fit_to_budget", "cost_of_ratios"]
+__all__ = ["Baseline", "REGISTRY", "available", "is_search", "make_baseline", "fit_to_budget", "cost_of_ratios"]

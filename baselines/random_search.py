@@ -20,8 +20,11 @@ only (runtime ratios stay 1, as for every static baseline).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 
+from envs.budget import SPREAD
 from envs.screening import Screen
 
 from .base import Baseline, fit_to_budget, register
@@ -39,14 +42,21 @@ def reward_accuracies(env, counts: list[tuple[list[int], list[int]]]) -> list[fl
     return [env.problem.evaluate_plan(kept, rt, split="reward", screen=screen)["accuracy"] for kept, rt in counts]
 
 
-def budget_plans(env, rng: np.random.Generator, samples: int) -> tuple[list[tuple[np.ndarray, float]], int]:
-    """EagleEye's candidates: up to ``samples`` plans of uniform random keep ratios, each brought to the budget
+def uniform_draw(env, rng: np.random.Generator) -> np.ndarray:
+    """EagleEye's draw: every group's keep ratio uniform in ``[min_keep, 1]``."""
+    return rng.uniform(env.min_keep, 1.0, size=env.n_groups)
+
+
+def budget_plans(env, rng: np.random.Generator, samples: int,
+                 draw: Callable[[Any, np.random.Generator], np.ndarray] = uniform_draw
+                 ) -> tuple[list[tuple[np.ndarray, float]], int]:
+    """EagleEye's candidates: up to ``samples`` plans of random keep ratios (``draw``), each brought to the budget
     by one scale factor and kept when its cost is within ``TOLERANCE`` of it; returns [(plan, cost ratio)] and
     the number of draws (at most ``20 * samples``). ValueError when no draw comes within the tolerance."""
     candidates, draws = [], 0
     while len(candidates) < samples and draws < 20 * samples:
         draws += 1
-        plan = fit_to_budget(env, rng.uniform(env.min_keep, 1.0, size=env.n_groups))
+        plan = fit_to_budget(env, draw(env, rng))
         ratio = env.cost.plan_cost(plan)
         if abs(ratio - env.budget) <= TOLERANCE * env.budget:
             candidates.append((plan, ratio))
@@ -61,12 +71,17 @@ class RandomSearch(Baseline):
     """Options: ``samples`` (plans evaluated, 30), ``evaluate`` (``reward_accuracies``' signature: how the plans
     are scored, e.g. in parallel)."""
 
+    equal_evaluations = True  # the benchmark gives it as many evaluations as the agents' episodes
+
+    def draw(self, env, rng: np.random.Generator) -> np.ndarray:
+        return uniform_draw(env, rng)
+
     def plan(self) -> np.ndarray:
         env = self.eval_env
         samples = int(self.options.get("samples", DEFAULT_SAMPLES))
         if samples < 1:
             raise ValueError(f"samples={samples!r} must be a positive integer (the number of plans evaluated)")
-        candidates, draws = budget_plans(env, self.rng, samples)
+        candidates, draws = budget_plans(env, self.rng, samples, self.draw)
         evaluate = self.options.get("evaluate") or reward_accuracies
         accuracies = evaluate(env, [env.cost.plan_counts(plan) for plan, _ in candidates])
         # every evaluated candidate: its plan, cost ratio and reward-split accuracy
@@ -75,3 +90,18 @@ class RandomSearch(Baseline):
         self.draws, self.evaluations = draws, len(self.history)
         best = max(self.history, key=lambda h: h["reward_accuracy"])  # first of equals: deterministic
         return best["plan"]
+
+
+@register("random_search_anchored")
+class AnchoredRandomSearch(RandomSearch):
+    """Random search around Li et al.'s ResNet plan (``uniform_internal``; ``CostModel.streams_whole``): group
+    ``i`` draws ``anchor_i * SPREAD**a_i`` with ``a_i ~ U(-1, 1)``, clipped to ``[min_keep, 1]``, the plans a
+    uniformly random policy asks for through ``actions: anchored``; then the same budget fit and scoring. It is
+    the control of equal evaluations for agents trained with anchored actions."""
+
+    def plan(self) -> np.ndarray:
+        self.anchor = self.eval_env.cost.streams_whole()
+        return super().plan()
+
+    def draw(self, env, rng: np.random.Generator) -> np.ndarray:
+        return np.clip(self.anchor * SPREAD ** rng.uniform(-1.0, 1.0, size=env.n_groups), env.min_keep, 1.0)

@@ -8,7 +8,8 @@ wall (the largest count that keeps the budget reachable with every later group a
 this one model, so a plan costs the same wherever it is evaluated.
 
 One action mapping: ``ratio_of_action`` maps an action in [-1, 1] linearly to a keep ratio in
-``[min_keep, 1]``, ``action_of_ratio`` is its inverse.
+``[min_keep, 1]``, ``action_of_ratio`` is its inverse. Relative actions (``agents.relative_actions``,
+``random_search_anchored``) ask for a factor ``SPREAD**a`` of a reference ratio instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .latency import LatencyTable
 
 TARGETS = ("flops", "params", "latency")
 MODES = ("static", "runtime")
+SPREAD = 3.0  # a relative action a in [-1, 1] asks for SPREAD**a times its reference ratio
 _TOL = 1 + 1e-9  # relative slack for float round-off in "cost <= limit"
 
 
@@ -141,6 +143,20 @@ class CostModel:
         r = np.clip(np.asarray(ratios, dtype=np.float64), self.min_keep, 1.0)
         plan = lambda s: np.clip(s * r, self.min_keep, 1.0)  # noqa: E731
         return plan(self.fit_parameter(lambda s: (plan(s), None), 0.0, 1.0 / r.min(), budget))
+
+    def streams_whole(self) -> np.ndarray:
+        """Li et al.'s ResNet plan (ICLR 2017, Sec. 4.3): every residual-stream group kept whole, every
+        block-internal group at one ratio, the largest within the budget. When even ``min_keep`` inside the blocks
+        does not fit, the streams are cut too, by one common factor (``fit_to_budget``); a network with only one
+        kind of group gets the uniform plan."""
+        stream = np.array([g.kind == "residual" for g in self.graph.groups])
+        if stream.all() or not stream.any():  # nothing to keep apart
+            return self.fit_to_budget(np.ones(len(stream)))
+        plan = lambda u: np.where(stream, 1.0, u)  # noqa: E731
+        u = self.fit_parameter(lambda u: (plan(u), None), self.min_keep, 1.0)
+        if not self.fits(self.plan_counts(plan(u))[0]):  # the streams alone overspend: cut them too
+            return self.fit_to_budget(plan(self.min_keep))
+        return plan(u)
 
     def even_ratio(self, t: int, kept: Sequence[int]) -> float:
         """The keep ratio that, given to every group from ``t`` on (``kept[:t]`` decided, runtime ratio 1), spends

@@ -27,7 +27,7 @@ from agents.evaluate import evaluate_run
 from agents.noise import TruncatedNormalActionNoise
 from agents.policy import BestPolicy, make_env_from_best
 from agents.presets import get_preset, load_presets, resolve
-from agents.relative_actions import RelativeActions
+from agents.relative_actions import AnchoredActions, RelativeActions, wrap_actions
 from agents.train import train
 from envs.cli import parse_key_values
 from envs.data import DatasetSplits, Split
@@ -396,6 +396,27 @@ def test_relative_actions_zero_is_the_even_plan_and_a_common_shift_moves_budget_
     # the env records the plan in its own terms: replaying its ratios without the wrapper gives the same network
     again = run_episode(env, BestPolicy(zero["keep_ratios"], env.unwrapped.min_keep))[1]
     assert again["kept_counts"] == zero["kept_counts"] and again["accuracy"] == zero["accuracy"]
+
+
+def test_anchored_actions_zero_is_the_streams_whole_plan_and_depart_from_it(make_env):
+    env = make_env(budget=0.5, budget_mode="fill")
+    stream = np.array([g.kind == "residual" for g in env.groups])
+    anchor = env.cost.streams_whole()
+    wrapped = AnchoredActions(env)
+    zero = run_episode(wrapped, Constant(0.0))[1]
+    assert zero["kept_counts"] == env.cost.plan_counts(anchor)[0] and zero["fill_total"] == 0.0
+    assert zero["clamp_total"] == 0.0
+    # a = -1 on the streams only cuts them (to a third, before the fill scales the whole plan back up)
+
+    class CutStreams(Constant):
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            return np.array([-1.0 if obs[1] > 0.5 else 0.0], dtype=np.float32), None  # obs[1]: is_residual
+
+    low = np.asarray(run_episode(wrapped, CutStreams(0.0))[1]["keep_ratios"])
+    assert np.all(low[stream] < 0.7) and np.all(low[~stream] > anchor[~stream] + 0.1)
+    # each episode starts again from the first group's anchor (the step counter is reset)
+    assert run_episode(wrapped, Constant(0.0))[1]["kept_counts"] == zero["kept_counts"]
+    assert wrap_actions(env, "anchored").anchor.tolist() == anchor.tolist()
 
 
 def test_a_run_trained_with_relative_actions_is_evaluated_through_them(tmp_path):

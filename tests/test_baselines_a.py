@@ -95,6 +95,30 @@ def test_random_search_keeps_the_best_of_n_budget_fitted_plans_by_reward_accurac
         make_baseline("random_search", env, samples=0).setup()
 
 
+def test_anchored_random_search_draws_around_the_streams_whole_plan(make_env):
+    """Its draws are factors in [1/SPREAD, SPREAD] of uniform_internal's plan (then one budget scale), so the
+    residual streams stay near whole; EagleEye's uniform draws cut them like any other group."""
+    from envs.budget import SPREAD
+
+    env = make_env(budget=0.5)
+    stream = np.array([g.kind == "residual" for g in env.groups])
+    anchor = env.cost.streams_whole()
+    near = make_baseline("random_search_anchored", env, seed=3, samples=6).setup()
+    far = make_baseline("random_search", make_env(budget=0.5), seed=3, samples=6).setup()
+    assert len(near.history) == 6 and all(abs(h["cost_ratio"] - 0.5) <= 0.0025 for h in near.history)
+    np.testing.assert_array_equal(near.anchor, anchor)
+    for h in near.history:
+        free = (h["plan"] > env.min_keep) & (h["plan"] < 1.0)  # not clipped by the bounds
+        factors = h["plan"][free] / anchor[free]  # one budget scale times a draw in [1/SPREAD, SPREAD]
+        assert factors.max() / factors.min() <= SPREAD**2 + 1e-9
+    mean_stream = lambda rs: np.mean([h["plan"][stream].mean() for h in rs.history])  # noqa: E731
+    assert mean_stream(near) > mean_stream(far) + 0.1
+    assert near.ratios.tolist() == max(near.history, key=lambda h: h["reward_accuracy"])["plan"].tolist()
+    from baselines import is_search
+
+    assert is_search("random_search_anchored") and is_search("random_search") and not is_search("uniform_internal")
+
+
 def test_uniform_l1_and_random_plans_are_their_statistic_at_one_scale(make_env):
     env = make_env(budget=0.5)
     n = env.n_groups

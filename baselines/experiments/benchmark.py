@@ -167,14 +167,14 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
     """The rows of one cell on ``env`` (the run's env at the cell's budget): the method plans (baselines:
     ``setup``, with ``options``; agents: trained or loaded), one episode applies each plan, ``evaluate_plan``
     measures it. A crash becomes an error row, so one method cannot lose the others' rows."""
-    from baselines import make_baseline
+    from baselines import is_search, make_baseline
 
     where, rows = {**machines(env.device), "test_images": len(env.data.test)}, []
     print(f"[benchmark] {cell.name} @ budget {cell.budget}, seed {cell.seed} ...", file=sys.stderr)
     t0, method = time.perf_counter(), cell.name
     try:
         if cell.kind == "baseline":
-            if cell.name == "random_search":
+            if is_search(cell.name):  # a search at equal evaluations: as many as the agents' episodes
                 options["samples"] = job.episodes
             policy = make_baseline(cell.name, env, seed=cell.seed, **options)
             own = policy.own_network()
@@ -492,6 +492,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per (budget, method): estimates over seeds of the test accuracy after and before fine-tuning and of the
     selection-split accuracy, plus each learned method's comparison with the best scripted method (by mean test
     accuracy after fine-tuning) and with random search at equal evaluations."""
+    from baselines import is_search
+
     ok = [r for r in rows if r["status"] == "ok"]
     out = []
     for budget in sorted({float(r["budget"]) for r in ok}):
@@ -506,7 +508,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                               "test_acc", "test_acc_before_ft", "reward_acc_before_ft", "flops_ratio",
                               "effective_flops_ratio", "speedup_b64", "speedup_b64_device", "evaluations")}}
         learned = [s for s in summary.values() if s["kind"] == "agent"]
-        scripted = [s for m, s in summary.items() if s["kind"] == "baseline" and m != SCRIPTED_CONTROL
+        scripted = [s for m, s in summary.items() if s["kind"] == "baseline" and not is_search(m)
                     and _comparable(s, learned, budget)]
         best_scripted = max(scripted, key=lambda s: s["test_acc"].mean, default=None)
         for s in summary.values():

@@ -98,11 +98,12 @@ def _cell_task(job: Job, cell: Cell, run_cell: Callable) -> tuple[list[dict], st
     import ray
 
     import envs  # noqa: F401 - registers the ids
+    from baselines import is_search
 
     kwargs = {**job.env_kwargs, "progress": False, "train_if_missing": False}
     env = gym.make(job.env_id, budget=cell.budget, **kwargs).unwrapped
     options = {}
-    if cell.name == "random_search":  # its evaluations spread over the cluster too
+    if is_search(cell.name):  # its evaluations spread over the cluster too
         options["evaluate"] = PlanPool(env, None, gpu=env.device.type == "cuda").reward_accuracies
     return run_cell(job, cell, env, **options), ray.get_runtime_context().get_node_id()
 
