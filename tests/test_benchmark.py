@@ -103,6 +103,15 @@ def _fake_row(method: str, kind: str, budget: float, seed: int, acc: float, stat
             "keep_ratios": "[0.5, 0.5]"}
 
 
+def test_agents_are_compared_with_every_search_and_searches_are_not_scripted_rows():
+    rows = [_fake_row(m, kind, 0.5, seed, acc + 0.01 * seed) for seed in range(3) for m, kind, acc in (
+        ("ppo", "agent", 0.80), ("random_search", "baseline", 0.70), ("random_search_anchored", "baseline", 0.85))]
+    rows.append(_fake_row("uniform", "baseline", 0.5, 0, 0.60))
+    summary = {s["method"]: s for s in bm.summarize(rows)}
+    assert summary["ppo"]["vs_random_search"] == ">; < random_search_anchored"
+    assert summary["ppo"]["vs_scripted"] == "n/a uniform"  # the searches are controls, not the best scripted row
+
+
 def test_merge_gathers_split_runs_into_one_report(tmp_path):
     """Cells run apart (one process per budget and seed) become one report with intervals over the seeds."""
     a, b = tmp_path / "b0.5-s0", tmp_path / "b0.5-s1"

@@ -491,7 +491,7 @@ SCRIPTED_CONTROL = "random_search"  # the control of equal evaluations, kept apa
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (budget, method): estimates over seeds of the test accuracy after and before fine-tuning and of the
     selection-split accuracy, plus each learned method's comparison with the best scripted method (by mean test
-    accuracy after fine-tuning) and with random search at equal evaluations."""
+    accuracy after fine-tuning) and with each search at equal evaluations (random search and its variants)."""
     from baselines import is_search
 
     ok = [r for r in rows if r["status"] == "ok"]
@@ -516,8 +516,12 @@ def summarize(rows: list[dict]) -> list[dict]:
                 if best_scripted is not None:
                     verdict = compare(s["test_acc"], best_scripted["test_acc"])
                     s["vs_scripted"] = f"{verdict} {best_scripted['method']}"
-                if SCRIPTED_CONTROL in summary:
-                    s["vs_random_search"] = compare(s["test_acc"], summary[SCRIPTED_CONTROL]["test_acc"])
+                # against every search at equal evaluations present (e.g. random_search_anchored, the control
+                # of anchored actions), random_search's verdict unnamed
+                vs = [compare(s["test_acc"], summary[m]["test_acc"]) + ("" if m == SCRIPTED_CONTROL else f" {m}")
+                      for m in sorted(summary, key=lambda m: m != SCRIPTED_CONTROL) if is_search(m)]
+                if vs:
+                    s["vs_random_search"] = "; ".join(vs)
             out.append(s)
     return out
 

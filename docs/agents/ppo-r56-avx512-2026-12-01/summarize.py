@@ -2,9 +2,10 @@
 
     python docs/agents/ppo-r56-avx512-2026-12-01/summarize.py OUT BUDGET [VARIANT ...]
 
-Reads results/i13-r56-*: the preset's runs (bench-b<B>-s<S>), random search (rs*), the other baselines (others,
-others-b<B>), and per VARIANT (e.g. "decay") its runs <VARIANT>-bench-b<B>-s<S>, whose rows are renamed
-ppo_<VARIANT> / ppo_<VARIANT>_best. Writes OUT/summary.md, results.csv, reward_curves.png and the episode logs."""
+Reads results/i13-r56-*: the preset's runs (bench-b<B>-s<S>), random search (rs*; rsa*: random_search_anchored),
+the other baselines (others, others-b<B>), and per VARIANT (e.g. "decay", "anch") its runs
+<VARIANT>-bench-b<B>-s<S>, whose rows are renamed ppo_<VARIANT> / ppo_<VARIANT>_best. When random_search_anchored
+rows exist, a last column compares the learned rows with it. Writes OUT/summary.md, results.csv, reward_curves.png and the episode logs."""
 import csv, glob, shutil, sys
 from pathlib import Path
 import numpy as np
@@ -35,9 +36,10 @@ for f, v in sources:
 with open(out / "results.csv", "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()), extrasaction="ignore"); w.writeheader(); w.writerows(rows)
 learned = ["ppo_best", "ppo"] + [m for v in variants for m in (f"ppo_{v}_best", f"ppo_{v}")]
+searches = ["random_search", "random_search_anchored"]
 by, seen = {}, set()
 for r in rows:
-    if r["method"] not in learned + ["random_search"]:  # deterministic given the checkpoint: once
+    if r["method"] not in learned + searches:  # deterministic given the checkpoint: once
         if r["method"] in seen:
             continue
         seen.add(r["method"])
@@ -53,9 +55,11 @@ def welch(a, b):
 
 static = [m for m in ["uniform_internal", "uniform", "l1", "l1_merge", "pfp", "scop", "polarization", "grda"] if m in by]
 best_static = max(static, key=lambda m: est[m].mean) if static else None
-lines = ["| method | seeds | reward split (selection), per seed | test, per seed | **test, mean [95% t interval]** | vs random search (intervals) | minus random search, points [Welch 95%] |", "|---|---|---|---|---|---|---|"]
+anch = "random_search_anchored" in by
+lines = ["| method | seeds | reward split (selection), per seed | test, per seed | **test, mean [95% t interval]** | vs random search (intervals) | minus random search, points [Welch 95%] |"
+         + (" minus anchored random search [Welch 95%] |" if anch else ""), "|---|---|---|---|---|---|---|" + ("---|" if anch else "")]
 rs_test = [t for _, _, t in by["random_search"]]
-for m in learned + ["random_search"] + static + ["unpruned"]:
+for m in learned + searches + static + ["unpruned"]:
     if m not in by: continue
     v = sorted(by[m]); e = est[m]; rs = est["random_search"]
     if m in ("random_search", "unpruned"):
@@ -66,7 +70,9 @@ for m in learned + ["random_search"] + static + ["unpruned"]:
         vs = {"<": "below", ">": "above"}.get(compare(e, rs), compare(e, rs))
     lines.append(f"| `{m}` | {', '.join(str(s) for s, _, _ in v)} | {', '.join(f'{r:.4f}' for _, r, _ in v)} | "
                  f"{', '.join(f'{t:.4f}' for _, _, t in v)} | {e.text()} | {vs} | "
-                 + (welch([t for _, _, t in v], rs_test) if m in learned else "") + " |")
+                 + (welch([t for _, _, t in v], rs_test) if m in learned or m == "random_search_anchored" else "") + " |"
+                 + ((" " + welch([t for _, _, t in v], [t for _, _, t in by["random_search_anchored"]]) + " |"
+                     if m in learned else " |") if anch else ""))
 if best_static:
     lines += ["", f"Best static baseline: `{best_static}` {est[best_static].mean:.4f}; learned rows whose whole interval "
               "lies above it: " + (", ".join(f"`{m}`" for m in learned if m in by and est[m].n > 1 and est[m].low > est[best_static].mean) or "none") + "."]
@@ -79,7 +85,7 @@ for d, name in runs:
     (curves / name).mkdir(exist_ok=True)
     for f in ("episodes.csv", "best.json", "config.yaml"):
         shutil.copy(Path(d) / f, curves / name / f)
-for d in sorted(glob.glob(f"results/i13-r56-rs*/agents/random_search-b{B}-s*/")):
+for d in sorted(glob.glob(f"results/i13-r56-rs*/agents/random_search*-b{B}-s*/")):
     (curves / Path(d).name).mkdir(exist_ok=True)
     shutil.copy(Path(d) / "episodes.csv", curves / Path(d).name / "episodes.csv")
 lines += ["", "| run | mean reward, first 50 episodes | last 50 | best reward (episode) | scored in full |", "|---|---|---|---|---|"]
