@@ -142,7 +142,7 @@ class ExplorationDecay(BaseCallback):
     counterpart. Before each rollout every log-std is clipped to the schedule's value at the run's progress, so
     the rollout's log-probabilities are those of the policy that acts; PPO may still learn a smaller std.
 
-    Measured (README, "ResNet-56 at budget 0.3 with 10 seeds"; 3 seeds, ``final_std=0.1``): no gain. The final
+    Measured (README, "ResNet-56 (30 groups)", its ablations; 3 seeds, ``final_std=0.1``): no gain. The final
     policies scored 0.25, 0.40 and 0.39 on test (the preset's, same seeds: 0.18, 0.49, 0.43), so it is not in
     the presets.
 
