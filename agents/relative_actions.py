@@ -24,10 +24,10 @@ actions; this is the ablation's other arm.
 plan: Li et al.'s ResNet plan (``CostModel.streams_whole``: residual streams whole, one ratio inside the blocks;
 the ``uniform_internal`` baseline). ``a = 0`` at every step is that plan, so the search starts from the structure
 the best plans were measured to share (README, "ResNet-56 (30 groups)") and learns departures from it. Its
-control at equal evaluations is ``random_search_anchored``: the same plans a uniformly random policy would ask for. Measured
-(README, "Anchored actions"; ResNet-56, budget 0.3, 10 seeds): PPO's best of 300 0.5415 on test, above
-``random_search_anchored`` (0.4686), ``uniform_internal`` (0.4652) and random search (0.3723), intervals apart;
-the ResNet-56 preset uses it.
+control at equal evaluations is ``random_search_anchored``: the same plans a uniformly random policy would ask
+for. Measured (README, "Anchored actions"; ResNet-56, budget 0.3, 10 seeds): PPO's best of 300 0.5415 on test,
+above ``random_search_anchored`` (0.4686), ``uniform_internal`` (0.4652) and random search (0.3723), intervals
+apart; the ResNet-56 preset uses it.
 """
 
 from __future__ import annotations
