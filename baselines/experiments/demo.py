@@ -5,14 +5,14 @@ Stages (each timed; the times are written to ``<out>/stages.json`` and printed):
 1. data + pretrained ResNet-18 on Fashion-MNIST (the checkpoint shipped in ``envs/checkpoints``, installed into the
    cache; trained only when it does not match);
 2. the environment: dependency graph, static and runtime importance predictors (trained once, cached);
-3. the benchmark (``baselines.experiments.benchmark``, one budget, one seed): every baseline, ``random_search`` at
-   as many evaluations as the agent's episodes, and one agent (PPO: its final policy and its best episode) at 50%
+3. the benchmark (``baselines.experiments.benchmark``, one budget, one seed): every baseline, both random searches
+   (``random_search`` and ``random_search_anchored``, the control of the anchored PPO preset) at as many
+   evaluations as the agent's episodes, and one agent (PPO: its final policy and its best episode) at 50%
    FLOPs; the common fine-tune; test-split accuracies before and after it, the reward split as the selection
    column; exported-model latency; table in ``<out>/results.md``, plots ``pareto.png`` and ``keep_ratios.png``.
 
 Environment variables: ``DEMO_OUT`` (default ``results/demo``), ``DEMO_DEVICE`` (``auto``: CUDA when available,
-else CPU; ``cpu``; ``cuda``; ``cuda:N``), ``DEMO_BASELINES`` (space-separated, default all but
-``random_search_anchored``, the control of anchored-action agents, which the ResNet-18 presets do not use),
+else CPU; ``cpu``; ``cuda``; ``cuda:N``), ``DEMO_BASELINES`` (space-separated, default all),
 ``DEMO_AGENTS`` (default ``ppo``), and the run's size, whose defaults depend on the device (``PROFILES``):
 
 =========================  ===========  ============================================================
@@ -89,8 +89,7 @@ def main() -> int:
     from baselines import available
     from baselines.experiments.benchmark import benchmark
 
-    names = (os.environ.get("DEMO_BASELINES", "").split()
-             or [n for n in available() if n != "random_search_anchored"])
+    names = os.environ.get("DEMO_BASELINES", "").split() or available()
     rows = benchmark("ChannelPrune-ResNet18-v0", [0.5], names, agents, episodes, ft_steps, out, env_kwargs,
                      device=device, latency_rounds=int(size["latency_rounds"]))
     stages["3_benchmark_s"] = time.perf_counter() - t2

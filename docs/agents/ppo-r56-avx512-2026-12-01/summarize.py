@@ -1,8 +1,8 @@
-"""One-off: ResNet-56 PPO vs random search (issue 13). From the repository root:
+"""One-off: PPO vs random search (issue 13). From the repository root:
 
-    python docs/agents/ppo-r56-avx512-2026-12-01/summarize.py OUT BUDGET [VARIANT ...] [--variants-only]
+    python docs/agents/ppo-r56-avx512-2026-12-01/summarize.py OUT BUDGET [VARIANT ...] [--variants-only] [--model r18]
 
-Reads results/i13-r56-*: the preset's runs (bench-b<B>-s<S>), random search (rs*; rsa*: random_search_anchored),
+Reads results/i13-<model>-* (model r56 unless --model says otherwise): the preset's runs (bench-b<B>-s<S>), random search (rs*; rsa*: random_search_anchored),
 the other baselines (others, others-b<B>), and per VARIANT (e.g. "decay", "anch") its runs
 <VARIANT>-bench-b<B>-s<S>, whose rows are renamed ppo_<VARIANT> / ppo_<VARIANT>_best. When random_search_anchored
 rows exist, a last column compares the learned rows with it. With --variants-only, the episode logs and curves are
@@ -16,11 +16,13 @@ from baselines.experiments.benchmark import plot_reward_curves
 
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 only = "--variants-only" in sys.argv
-B, variants = sys.argv[2], [v for v in sys.argv[3:] if v != "--variants-only"]
-sources = [(f, "") for f in sorted(glob.glob(f"results/i13-r56-bench-b{B}-s*/results.csv"))]
-sources += [(f, "") for f in sorted(glob.glob("results/i13-r56-rs*/results.csv")) + sorted(glob.glob("results/i13-r56-others*/results.csv"))]
+args = sys.argv[3:]
+model = args.pop(args.index("--model") + 1) if "--model" in args else "r56"
+B, variants = sys.argv[2], [v for v in args if not v.startswith("--")]
+sources = [(f, "") for f in sorted(glob.glob(f"results/i13-{model}-bench-b{B}-s*/results.csv"))]
+sources += [(f, "") for f in sorted(glob.glob(f"results/i13-{model}-rs*/results.csv")) + sorted(glob.glob(f"results/i13-{model}-others*/results.csv"))]
 for v in variants:
-    sources += [(f, v) for f in sorted(glob.glob(f"results/i13-r56-{v}-bench-b{B}-s*/results.csv"))]
+    sources += [(f, v) for f in sorted(glob.glob(f"results/i13-{model}-{v}-bench-b{B}-s*/results.csv"))]
 rows = []
 for f, v in sources:
     for r in csv.DictReader(open(f)):
@@ -80,14 +82,14 @@ if best_static:
               "lies above it: " + (", ".join(f"`{m}`" for m in learned if m in by and est[m].n > 1 and est[m].low > est[best_static].mean) or "none") + "."]
 # learning: mean reward first 50 vs last 50 episodes, and where the best was found
 curves = out / "agents"; curves.mkdir(exist_ok=True)
-runs = [] if only else [(d, f"ppo-b{B}-s{d.rstrip('/').split('-s')[-1]}") for d in sorted(glob.glob(f"results/i13-r56-ppo-b{B}-s*/"))]
+runs = [] if only else [(d, f"ppo-b{B}-s{d.rstrip('/').split('-s')[-1]}") for d in sorted(glob.glob(f"results/i13-{model}-ppo-b{B}-s*/"))]
 for v in variants:
-    runs += [(d, f"ppo_{v}-b{B}-s{d.rstrip('/').split('-s')[-1]}") for d in sorted(glob.glob(f"results/i13-r56-{v}-b{B}-s*/"))]
+    runs += [(d, f"ppo_{v}-b{B}-s{d.rstrip('/').split('-s')[-1]}") for d in sorted(glob.glob(f"results/i13-{model}-{v}-b{B}-s*/"))]
 for d, name in runs:
     (curves / name).mkdir(exist_ok=True)
     for f in ("episodes.csv", "best.json", "config.yaml"):
         shutil.copy(Path(d) / f, curves / name / f)
-for d in sorted(glob.glob(f"results/i13-r56-rs*/agents/random_search{'_anchored' if only else '*'}-b{B}-s*/")):
+for d in sorted(glob.glob(f"results/i13-{model}-rs*/agents/random_search{'_anchored' if only else '*'}-b{B}-s*/")):
     (curves / Path(d).name).mkdir(exist_ok=True)
     shutil.copy(Path(d) / "episodes.csv", curves / Path(d).name / "episodes.csv")
 lines += ["", "| run | mean reward, first 50 episodes | last 50 | best reward (episode) | scored in full |", "|---|---|---|---|---|"]
