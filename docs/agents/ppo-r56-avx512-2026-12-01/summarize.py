@@ -1,9 +1,10 @@
 """One-off: PPO vs random search (issue 13). From the repository root:
 
-    python docs/agents/ppo-r56-avx512-2026-12-01/summarize.py OUT BUDGET [VARIANT ...] [--variants-only] [--model r18]
+    python docs/agents/ppo-r56-avx512-2026-12-01/summarize.py OUT BUDGET [VARIANT ...] [--variants-only] \
+        [--model r18]
 
-Reads results/i13-<model>-* (model r56 unless --model says otherwise): the preset's runs (bench-b<B>-s<S>), random search (rs*; rsa*: random_search_anchored),
-the other baselines (others, others-b<B>), and per VARIANT (e.g. "decay", "anch") its runs
+Reads results/i13-<model>-* (model r56 unless --model says otherwise): the preset's runs (bench-b<B>-s<S>), random
+search (rs*; rsa*: random_search_anchored), the other baselines (others, others-b<B>), and per VARIANT (e.g. "decay", "anch") its runs
 <VARIANT>-bench-b<B>-s<S>, whose rows are renamed ppo_<VARIANT> / ppo_<VARIANT>_best. When random_search_anchored
 rows exist, a last column compares the learned rows with it. With --variants-only, the episode logs and curves are
 those of the variants and of random_search_anchored only (the preset's are in the folders of the first tables). Writes OUT/summary.md, results.csv, reward_curves.png and the episode logs."""
