@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .paths import cache_dir
+from .paths import atomic_copy, cache_dir
 
 FASHION_MNIST_ENV = "CHANNELPRUNE_FASHION_MNIST_DIR"
 FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -117,14 +116,9 @@ def _fashion_mnist_root(data_dir: str | os.PathLike | None) -> Path:
         if dst.exists():
             continue
         if (src / name).exists():
-            raw.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / name, dst)
+            atomic_copy(src / name, dst)
         elif (src / f"{name}.gz").exists():
-            raw.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_suffix(".tmp")
-            with gzip.open(src / f"{name}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            tmp.replace(dst)
+            atomic_copy(src / f"{name}.gz", dst, opener=gzip.open)
         else:
             raise DatasetMissingError(
                 f"Fashion-MNIST file {name}(.gz) is missing from {str(src)!r}. Fix: `sudo apt-get install -y "

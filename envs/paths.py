@@ -33,3 +33,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def atomic_copy(src: str | os.PathLike, path: str | os.PathLike, opener=open) -> None:
+    """Copy the stream ``opener(src, "rb")`` (``open``, or ``gzip.open`` to unpack) to ``path`` through a temporary
+    file and a rename, so that processes building envs at once (``--n-envs``, Ray workers) never clobber each
+    other."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with opener(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+    tmp.replace(path)

@@ -148,3 +148,21 @@ def test_batches(fmnist):
     batches = list(fmnist.calib.batches(200))
     assert [len(y) for _, y in batches] == [200, 200, 112]
     assert torch.equal(torch.cat([x for x, _ in batches]), fmnist.calib.x)
+
+
+def _load_in_fresh_cache(cache: str) -> int:
+    import os
+
+    os.environ["CHANNELPRUNE_CACHE"] = cache
+    return len(load_dataset("fashion-mnist", reward_size=10, calib_size=10, test_size=10).test)
+
+
+def test_processes_unpacking_into_one_cache_at_once_all_succeed(tmp_path):
+    # --n-envs workers, Ray tasks and parallel runs unpack the Debian files into the same cache on first use; each
+    # writes its own temporary file (a shared ".tmp" name made one process's rename fail on the other's file).
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(3) as pool:
+        assert pool.map(_load_in_fresh_cache, [str(tmp_path)] * 3) == [10] * 3
+    raw = next(tmp_path.glob("data/fashion-mnist-*/FashionMNIST/raw"))
+    assert len([p for p in raw.iterdir() if p.name.endswith("-ubyte")]) == 4 == len(list(raw.iterdir()))
