@@ -13,8 +13,8 @@ Static importance (dataset-wide; decides which channels are removed for storage)
 * ``learned``: the **static importance predictor**, a small MLP over per-channel features (filter L1 and
   L2 norms, BN |gamma|, Taylor, mean activation, distance to the layer's geometric median, depth, width), trained
   for what the env asks of it: which channels a group keeps at a keep ratio. Per group and keep ratio it measures
-  the loss of a few plausible keep sets and learns to rank them (``train_static_predictor``); how often it orders
-  held-out keep sets right, next to Taylor and L1, is reported.
+  the loss of a few plausible keep sets and learns a correction to Taylor's within-group rank that ranks them
+  (``train_static_predictor``); how often it orders held-out keep sets right, next to Taylor and L1, is reported.
 
 Runtime importance (per input; decides what each input computes): the **runtime importance predictor**, an
 FBS-style gate per block-internal group, lives in ``envs.gates`` (fitted by ridge regression onto activations,
@@ -52,6 +52,7 @@ from .paths import atomic_save
 SCORERS = ("learned", "l1", "bn", "taylor", "fpgm")
 DEFAULT_SCORER = "taylor"  # the best pruner of SCORERS on ResNet-18 (baselines.experiments.predictors)
 FEATURES = ("l1", "l2", "bn", "taylor", "act", "gm_dist")
+BASE_CRITERION = "taylor"  # the learned predictor corrects its rank (the best classic pruner)
 
 
 @dataclass
@@ -206,10 +207,15 @@ class FPGMScorer:
 
 # ------------------------------------------------------------------------------------------- static predictor
 class StaticMLP(nn.Module):
+    """A channel's correction to the base criterion's rank; the last layer starts at zero, so an untrained
+    predictor ranks exactly as the base criterion does."""
+
     def __init__(self, n_features: int = len(FEATURES) + 2, hidden: int = 32):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
@@ -275,9 +281,11 @@ def _pair_accuracy(utility: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, np.
     return float(((utility[a] > utility[b]) * w).sum() / max(w.sum(), 1e-12))
 
 
-def _fit_ranker(rows: torch.Tensor, member: torch.Tensor, pairs, seed: int, steps: int = 400) -> StaticMLP:
-    """An MLP channel score f, so that a subset's utility mean(f over its channels) ranks the measured subsets
-    of each cell (RankNet's pairwise logistic loss, weighted by the loss gap)."""
+def _fit_ranker(rows: torch.Tensor, base: torch.Tensor, member: torch.Tensor, pairs, seed: int, steps: int = 400
+                ) -> StaticMLP:
+    """An MLP correction f to each channel's ``base`` rank, so that a subset's utility mean(base + f over its
+    channels) ranks the measured subsets of each cell (RankNet's pairwise logistic loss, weighted by the loss
+    gap). It starts from the base criterion and moves only where the measured keep sets say so."""
     torch.manual_seed(seed)
     mlp = StaticMLP(rows.shape[1])
     opt = torch.optim.Adam(mlp.parameters(), lr=3e-3, weight_decay=1e-3)
@@ -285,9 +293,10 @@ def _fit_ranker(rows: torch.Tensor, member: torch.Tensor, pairs, seed: int, step
     w = w.float()
     for _ in range(steps):
         opt.zero_grad()
-        u = member @ mlp(rows)
+        u = member @ (base + mlp(rows))
         # x10: keep sets of one cell share most channels, so their mean scores differ by little
-        (F.softplus(-(u[a] - u[b]) * 10.0) * w).sum().div(w.sum()).backward()
+        # clamp: when every measured set loses the same there is nothing to learn (and 0/0 would be NaN)
+        (F.softplus(-(u[a] - u[b]) * 10.0) * w).sum().div(w.sum().clamp_min(1e-12)).backward()
         opt.step()
     return mlp
 
@@ -311,10 +320,11 @@ def train_static_predictor(
 
     For every group and keep ratio in ``ratios``, ``per_group`` plausible keep sets (``candidate_subsets``) are
     measured (``measure_subset_losses``, that group alone masked). An MLP over each channel's features (the
-    classic criteria, mean activation, depth, width) scores channels so that the mean score of a keep set ranks
-    the sets of the same group and ratio by their loss (``_fit_ranker``). Quality: on the (group, ratio) cells
-    held out (30%), the share of subset pairs it orders right, next to the same share for the sum of Taylor's and
-    of L1's ranks. Returns (state to cache, quality report)."""
+    classic criteria, mean activation, depth, width) learns a correction to each channel's Taylor rank, so that
+    the mean corrected score of a keep set ranks the sets of the same group and ratio by their loss
+    (``_fit_ranker``); with nothing measured against it, the predictor ranks as Taylor does. Quality: on the
+    (group, ratio) cells held out (30%), the share of subset pairs it orders right, next to the same share for the
+    sum of Taylor's and of L1's ranks. Returns (state to cache, quality report)."""
     check_importance_samples(per_group)
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -341,18 +351,19 @@ def train_static_predictor(
     held = np.isin(cells, ids[: max(1, int(0.3 * len(ids)))])
     train_pairs = _pairs(cells, losses, np.flatnonzero(~held))
     test_pairs = _pairs(cells, losses, np.flatnonzero(held))
-    mlp = _fit_ranker(rows, member, train_pairs, seed)
+    base = rows[:, FEATURES.index(BASE_CRITERION)].clone()
+    mlp = _fit_ranker(rows, base, member, train_pairs, seed)
     with torch.no_grad():
-        pred = (member @ mlp(rows)).numpy()
+        pred = (member @ (base + mlp(rows))).numpy()
     classic = {name: member.numpy() @ np.concatenate([f[:, FEATURES.index(name)] for f in feats])
                for name in ("taylor", "l1")}
     report = {"static_pair_accuracy_heldout": _pair_accuracy(pred, test_pairs),
               "taylor_pair_accuracy_heldout": _pair_accuracy(classic["taylor"], test_pairs),
               "l1_pair_accuracy_heldout": _pair_accuracy(classic["l1"], test_pairs),
               "subsets_measured": len(subsets), "heldout_pairs": len(test_pairs[0])}
-    mlp = _fit_ranker(rows, member, _pairs(cells, losses, np.arange(len(subsets))), seed)
+    mlp = _fit_ranker(rows, base, member, _pairs(cells, losses, np.arange(len(subsets))), seed)
     with torch.no_grad():
-        flat = F.softplus(mlp(rows)).numpy()  # positive, as the observation's score summaries expect
+        flat = F.softplus(base + mlp(rows)).numpy()  # positive, as the observation's score summaries expect
     scores = [flat[offsets[g.index]:offsets[g.index + 1]] for g in ctx.graph.groups]
     report["static_train_seconds"] = time.perf_counter() - t0
     state = {"mlp": mlp.state_dict(), "scores": [torch.from_numpy(s.astype(np.float32)) for s in scores]}
@@ -416,7 +427,8 @@ class ImportancePredictors:
         stem = None if cache_path is None else str(cache_path)
         scores, gates, report = None, {}, {}
         if static:
-            path = None if stem is None else Path(f"{stem}.static-predictor-{key}-{per_group}-{images}-s{seed}.pt")
+            path = None if stem is None else Path(
+                f"{stem}.static-predictor-{BASE_CRITERION}-{key}-{per_group}-{images}-s{seed}.pt")
             blob = _cached(path, lambda: _as_blob(*train_static_predictor(
                 ctx, per_group=per_group, images=images, seed=seed, progress=progress)), "static predictor")
             scores = [t.numpy() for t in blob["scores"]]

@@ -85,3 +85,17 @@ def test_static_predictor_learns_which_keep_sets_lose_least(make_env, monkeypatc
                                                      rep["l1_pair_accuracy_heldout"])
     rhos = [spearmanr(s.numpy(), a).statistic for s, a in zip(state["scores"], act)]
     assert np.mean(rhos) > 0.8
+
+
+def test_static_predictor_starts_from_taylor_and_moves_only_where_measured(make_env, monkeypatch):
+    """The predictor learns a correction to Taylor's rank: when every measured keep set loses the same (nothing
+    to learn), each group's channels rank exactly as Taylor ranks them."""
+    env = make_env()
+    ctx = importance.ImportanceContext(env.base_model, env.graph, env.data.calib, env.data.train)
+    # Taylor's within-group rank as the predictor sees it (ties in the raw scores broken as channel_features does)
+    taylor = [f[:, importance.FEATURES.index("taylor")] for f in importance.channel_features(ctx)]
+    monkeypatch.setattr(importance, "measure_subset_losses",
+                        lambda _ctx, subsets, images, progress: np.ones(len(subsets)))
+    state, _ = importance.train_static_predictor(ctx, per_group=2, seed=0, progress=False)
+    for s, t in zip(state["scores"], taylor):
+        assert spearmanr(s.numpy(), t).statistic == pytest.approx(1.0)
