@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 CACHE_ENV = "CHANNELPRUNE_CACHE"
@@ -15,35 +18,34 @@ def cache_dir() -> Path:
     return path
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename: readers never see half a file."""
-    import torch
-
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (named by this process) to write; then rename it onto ``path``, so
+    readers never see half a file and processes writing at once (``--n-envs``, Ray workers) never clobber each
+    other's copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    yield tmp
     tmp.replace(path)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` through a temporary file and a rename."""
+    import torch
+
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_copy(src: str | os.PathLike, path: str | os.PathLike, opener=open) -> None:
     """Copy the stream ``opener(src, "rb")`` (``open``, or ``gzip.open`` to unpack) to ``path`` through a temporary
-    file and a rename, so that processes building envs at once (``--n-envs``, Ray workers) never clobber each
-    other."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with opener(src, "rb") as fin, open(tmp, "wb") as fout:
+    file and a rename."""
+    with _replacing(path) as tmp, opener(src, "rb") as fin, open(tmp, "wb") as fout:
         shutil.copyfileobj(fin, fout)
-    tmp.replace(path)
