@@ -24,6 +24,9 @@ BEST_FILE = "best.json"
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.zip"
 EPISODES_FILE = "episodes.csv"
+SELECTED_MODEL_FILE = "selected.zip"  # the policy snapshot chosen on the reward split (agents.callbacks)
+SELECTED_FILE = "selected.json"
+SELECTION_FILE = "selection.csv"
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -126,11 +129,14 @@ class EpisodeReturnInfo(gym.Wrapper):
         self._return = 0.0
         return self.env.reset(**kwargs)
 
+    last_return: float | None = None  # the last finished episode's exact return
+
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self._return = getattr(self, "_return", 0.0) + float(reward)
         if terminated or truncated:
             info = dict(info, episode_return=self._return)
+            self.last_return = self._return
         return obs, reward, terminated, truncated, info
 
 
@@ -183,3 +189,17 @@ def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, basel
 
         return RayVecEnv(factories, address=ray_address)
     return SubprocVecEnv(factories, start_method=start_method)
+
+
+def make_selection_env(vec_env, env_id: str, env_kwargs: dict[str, Any], actions: str = "absolute"):
+    """A one-env DummyVecEnv like the training env, but scoring every plan on the whole reward split (no
+    ``screen_size``), for :class:`agents.callbacks.PolicySelection`. It shares the training env's problem when that
+    env lives in this process (no second build), else it is built from ``env_id`` and ``env_kwargs``."""
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    local = getattr(vec_env, "envs", None)
+    if local:
+        full = local[0].unwrapped.derive(screen_size=None)
+        return DummyVecEnv([lambda: Monitor(EpisodeReturnInfo(wrap_actions(full, actions)))])
+    return DummyVecEnv([EnvFactory(env_id, {**env_kwargs, "screen_size": None}, False, None, actions)])

@@ -27,8 +27,9 @@ from .relative_actions import check_actions
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 EXTRA_KEYS = {
-    "on": ("policy", "actions", "n_steps_episodes", "episode_reward", "baseline_alpha", "final_std"),
-    "off": ("policy", "actions", "warmup_episodes", "noise", "episode_reward", "baseline_alpha"),
+    "on": ("policy", "actions", "n_steps_episodes", "episode_reward", "baseline_alpha", "final_std",
+           "select_every"),
+    "off": ("policy", "actions", "warmup_episodes", "noise", "episode_reward", "baseline_alpha", "select_every"),
 }
 # set by the trainer itself, never by a preset
 RESERVED = ("env", "seed", "tensorboard_log", "_init_setup_model", "verbose")
@@ -109,6 +110,7 @@ class Resolved:
     episode_reward: bool = False
     baseline_alpha: float = 0.5
     final_std: float | None = None  # on-policy: the std cap at the run's end (callbacks.ExplorationDecay)
+    select_every: int | None = None  # training episodes between policy checks (callbacks.PolicySelection)
     record: dict[str, Any] = field(default_factory=dict)  # yaml-safe view of the resolved hyperparameters
 
 
@@ -127,6 +129,11 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
         if hp.get("policy") == "BetaMlpPolicy" or hp.get("policy") is BetaMlpPolicy:
             raise ValueError("final_std caps a Gaussian's std; policy='BetaMlpPolicy' has none")
         final_std = float(final_std)
+    select_every = hp.pop("select_every", None)
+    if select_every is not None and (isinstance(select_every, bool) or not isinstance(select_every, int)
+                                     or select_every < 1):
+        raise ValueError(f"select_every={select_every!r} must be a positive integer (training episodes per "
+                         "check of the deterministic policy) or null (no checks)")
     hp.setdefault("policy", "MlpPolicy")
     record["policy"] = getattr(hp["policy"], "__name__", hp["policy"])
     if isinstance(hp["policy"], str):
@@ -177,10 +184,11 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
                                             int(hp.get("learning_starts", _default_of(algo, "learning_starts"))))
     record.update({k: v for k, v in hp.items() if k not in ("action_noise", "policy")})
     record["episode_reward"], record["baseline_alpha"], record["actions"] = episode_reward, alpha, actions
-    if final_std is not None:
-        record["final_std"] = final_std
+    for key, value in (("final_std", final_std), ("select_every", select_every)):
+        if value is not None:
+            record[key] = value
     return Resolved(kwargs=hp, actions=actions, episode_reward=episode_reward, baseline_alpha=alpha,
-                    final_std=final_std, record=record)
+                    final_std=final_std, select_every=select_every, record=record)
 
 
 def make_noise(spec: dict[str, Any], action_dim: int, episode_len: int, n_envs: int, learning_starts: int):

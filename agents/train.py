@@ -13,7 +13,10 @@ Hyperparameters come from ``agents/presets.yaml`` (``default`` block, overridden
   effective-FLOPs ratios, reward, seed, env id and kwargs, min_keep), rewritten whenever it improves; it is a
   policy itself (:class:`agents.policy.BestPolicy`);
 * ``episodes.csv``: one row per episode (episode, reward, accuracy, flops_ratio, ...) for reward curves;
-* ``tb/``: TensorBoard logs (SB3's training scalars and per-episode reward / accuracy / FLOPs).
+* ``tb/``: TensorBoard logs (SB3's training scalars and per-episode reward / accuracy / FLOPs);
+* with the hyperparameter ``select_every=K``: ``selected.zip``, ``selected.json`` and ``selection.csv``, the
+  deterministic policy checked every K episodes on the whole reward split and the best snapshot kept
+  (:class:`agents.callbacks.PolicySelection`); each check is one more reward-split evaluation.
 
 Env kwargs that cannot be written to JSON (a ``DatasetSplits``, an ``nn.Module``) are used but not recorded;
 ``best.json`` and ``config.yaml`` list them with their type under ``env_kwargs_skipped``.
@@ -43,16 +46,20 @@ from stable_baselines3.common.logger import HumanOutputFormat, Logger
 from envs.cli import parse_key_values
 
 from .algos import ALGOS, ON_POLICY
-from .callbacks import EpisodeRecorder, ExplorationDecay
+from .callbacks import EpisodeRecorder, ExplorationDecay, PolicySelection
 from .common import (
     BEST_FILE,
     CONFIG_FILE,
     EPISODES_FILE,
     MODEL_FILE,
+    SELECTED_FILE,
+    SELECTED_MODEL_FILE,
+    SELECTION_FILE,
     check_algo,
     check_env_id,
     check_env_kwargs,
     check_writable_dir,
+    make_selection_env,
     make_vec_env,
     split_serializable,
     write_yaml,
@@ -138,13 +145,14 @@ def train(
     actions = check_actions(hp.get("actions", "absolute"))
     source = _check_init_from(init_from, algo, actions) if init_from is not None else None
     run_dir = check_writable_dir(out if out is not None else default_run_dir(algo, env_id, seed))
-    for stale in (BEST_FILE, MODEL_FILE):
+    for stale in (BEST_FILE, MODEL_FILE, SELECTED_FILE, SELECTED_MODEL_FILE, SELECTION_FILE):
         (run_dir / stale).unlink(missing_ok=True)
 
     er = bool(hp.get("episode_reward", False))
     alpha = float(hp.get("baseline_alpha", 0.5))
     vec_env = make_vec_env(env_id, env_kwargs, n_envs, baseline_alpha=alpha if er and algo in ON_POLICY else None,
                            ray_address=ray_address, actions=actions)
+    selection_env = selector = None
     try:
         attrs = {k: vec_env.get_attr(k, indices=0)[0]
                  for k in ("n_groups", "min_keep", "mode", "budget", "target", "round_to", "storage_budget")}
@@ -177,6 +185,10 @@ def train(
             callbacks = [recorder]
             if res.final_std is not None:
                 callbacks.append(ExplorationDecay(res.final_std, total))
+            if res.select_every is not None:
+                selection_env = make_selection_env(vec_env, env_id, env_kwargs, actions)
+                selector = PolicySelection(selection_env, run_dir, meta, res.select_every, n_groups, n_envs)
+                callbacks.append(selector)
             model.learn(total_timesteps=total, callback=CallbackList(callbacks), tb_log_name=algo,
                         progress_bar=False)
         except BaseException as exc:
@@ -187,10 +199,13 @@ def train(
             recorder.close()
             model.save(run_dir / MODEL_FILE)
             config.update(status=status, episodes_done=recorder.episodes, timesteps_done=int(model.num_timesteps),
+                          selection_checks=selector.checks if selector is not None else 0,
                           train_seconds=round(time.perf_counter() - t0, 2))
             write_yaml(run_dir / CONFIG_FILE, config)
     finally:
         vec_env.close()
+        if selection_env is not None:
+            selection_env.close()
     return run_dir
 
 

@@ -240,6 +240,37 @@ def test_raced_training_keeps_the_best_among_plans_scored_in_full(small_kwargs, 
     assert run_episode(env, BestPolicy.load(run / "best.json"))[1]["accuracy"] == best["accuracy"]
 
 
+def test_policy_selection_keeps_the_snapshot_whose_deterministic_plan_scored_best(small_kwargs, tmp_path):
+    """select_every: the deterministic policy is checked every K episodes on the whole reward split (even when
+    training races it), selected.zip is the first snapshot with the best check, it replays to that reward, and
+    the benchmark gives the run a third row counting the checks as evaluations."""
+    from agents.common import SELECTED_MODEL_FILE
+    from baselines.experiments.benchmark import agent_methods, agent_plays
+
+    kwargs = {**small_kwargs, "screen_size": 50}
+    run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False,
+                select_every=3, actions="anchored")
+    with open(run / "selection.csv", newline="") as f:
+        checks = list(csv.DictReader(f))
+    assert [int(c["episodes"]) for c in checks] == [3, 6, 9, 12]
+    assert {int(c["images_scored"]) for c in checks} == {len(small_kwargs["data"].reward)}  # never raced
+    rewards = [float(c["reward"]) for c in checks]
+    selected = json.loads((run / "selected.json").read_text())
+    assert selected["reward"] == max(rewards) and selected["check"] == rewards.index(max(rewards)) + 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["selection_checks"] == 4
+    policy = ALGOS["ppo"].load(run / SELECTED_MODEL_FILE, device="cpu")
+    env = wrap_actions(gym.make(ENV_ID, **small_kwargs), "anchored")  # the run's actions, scored in full
+    assert run_episode(env, policy)[1]["accuracy"] == selected["accuracy"]
+
+    assert agent_methods("ppo", ENV_ID, str(run)) == ["ppo", "ppo_best", "ppo_selected"]
+    assert agent_methods("ppo", ENV_ID, None) == ["ppo", "ppo_best"]  # the preset checks no policy
+    plays = agent_plays("ppo", ENV_ID, env.unwrapped, kwargs, 0.5, 12, 0, tmp_path, str(run), False)
+    assert [p[0] for p in plays] == ["ppo", "ppo_best", "ppo_selected"]
+    assert {p[3] for p in plays} == {12 + 4}  # episodes plus policy checks: the run's reward-split evaluations
+    with pytest.raises(ValueError, match="select_every=0"):
+        resolve("ppo", {**get_preset("ppo", ENV_ID), "select_every": 0}, 12, 1, 1)
+
+
 def test_best_policy_runtime_mode_maps_both_ratios():
     policy = BestPolicy([1.0, 0.55, 0.1], min_keep=0.1, runtime_ratios=[1.0, 0.5, 1.0], mode="runtime")
     a = policy.predict(np.array([0.5] + [0.0] * 22, dtype=np.float32))[0]  # step 1 of 3

@@ -13,8 +13,9 @@ split*, which nothing chooses with: before fine-tuning (BN recalibrated on the c
 common fine-tune (``envs.finetune``: the same SGD recipe and ``--finetune-steps`` for every method; its data order
 follows the seed). The reward-split accuracy is kept as its own column, the selection split. Each agent gives two
 rows: ``<algo>``, its final policy played deterministically, and ``<algo>_best``, its best training episode
-(``best.json``). ``random_search`` (EagleEye) evaluates as many budget-fitted random plans as the agents ran
-episodes (``--episodes``): the control every learned row is compared with.
+(``best.json``); a run with ``select_every`` a third, ``<algo>_selected``, its policy snapshot that played best on
+the reward split (``selected.zip``). ``random_search`` (EagleEye) evaluates as many budget-fitted random plans as
+the agents ran episodes (``--episodes``): the control every learned row is compared with.
 
 Seeds. ``--seeds 0 1 2`` runs every stochastic part once per seed; ``results.md`` gives, per method and budget,
 the mean and a 95% t interval over seeds, and marks a learned row better than the best scripted method or than
@@ -265,7 +266,8 @@ def benchmark(
     cells = []  # the grid's cells with rows still to run
     for budget in budgets:
         for seed in seeds:
-            jobs = [("baseline", n, [n]) for n in baselines] + [("agent", a, [a, f"{a}_best"]) for a in agents]
+            jobs = [("baseline", n, [n]) for n in baselines] + [
+                ("agent", a, agent_methods(a, env_id, agent_runs.get(a))) for a in agents]
             for kind, name, methods in jobs:
                 todo = [m for m in methods if (m, budget, seed) not in done]
                 if todo:
@@ -449,13 +451,28 @@ def unpruned_row(env, latency: str = "device") -> dict:
             "search_seconds": 0.0, "finetune_seconds": 0.0, "keep_ratios": json.dumps([1.0] * env.n_groups)}
 
 
+def agent_methods(algo: str, env_id: str, run_dir: str | None) -> list[str]:
+    """The rows an agent gives: ``algo`` and ``algo_best``, plus ``algo_selected`` when its run checks its policy
+    on the reward split (``select_every``: the run directory has ``selected.zip``, or, trained here, the preset
+    sets it)."""
+    from agents.common import SELECTED_MODEL_FILE
+    from agents.presets import get_preset
+
+    selects = (Path(run_dir) / SELECTED_MODEL_FILE).exists() if run_dir is not None else \
+        get_preset(algo, env_id).get("select_every") is not None
+    return [algo, f"{algo}_best"] + ([f"{algo}_selected"] if selects else [])
+
+
 def agent_plays(algo: str, env_id: str, env, env_kwargs: dict, budget: float, episodes: int, seed: int, out: Path,
                 run_dir: str | None, progress: bool) -> list[tuple]:
-    """An agent's two rows: ``algo``, its final policy played deterministically (through ``RelativeActions`` when
-    it was trained so), and ``algo_best``, the best of its training episodes by reward-split accuracy
-    (``best.json``). Trained here unless ``run_dir`` has one."""
+    """An agent's rows: ``algo``, its final policy played deterministically (through its actions wrapper when it
+    was trained with one), ``algo_best``, the best of its training episodes by reward-split accuracy
+    (``best.json``), and with ``select_every`` ``algo_selected``, the policy snapshot that played best on the
+    reward split (``selected.zip``). Each row's evaluations are the run's: its episodes plus its policy checks.
+    Trained here unless ``run_dir`` has one."""
     from agents.algos import ALGOS
-    from agents.common import BEST_FILE, CONFIG_FILE, EPISODES_FILE, MODEL_FILE
+    from agents.common import (BEST_FILE, CONFIG_FILE, EPISODES_FILE, MODEL_FILE, SELECTED_MODEL_FILE,
+                               SELECTION_FILE)
     from agents.policy import BestPolicy
     from agents.relative_actions import actions_of_config
     from agents.train import train as train_agent
@@ -466,10 +483,20 @@ def agent_plays(algo: str, env_id: str, env, env_kwargs: dict, budget: float, ep
     run_dir = Path(run_dir)
     final = ALGOS[algo].load(run_dir / MODEL_FILE, device="cpu")
     best = BestPolicy.load(run_dir / BEST_FILE)
-    with open(run_dir / EPISODES_FILE, newline="") as f:
-        evaluations = len(list(csv.DictReader(f)))  # episodes the agent ran: its reward-split evaluations
+    evaluations = _csv_rows(run_dir / EPISODES_FILE)  # episodes the agent ran: its reward-split evaluations
+    selected = run_dir / SELECTED_MODEL_FILE
+    if selected.exists():
+        evaluations += _csv_rows(run_dir / SELECTION_FILE)  # and its policy checks
     actions = actions_of_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))  # how the final policy acts
-    return [(algo, env, final, evaluations, actions), (f"{algo}_best", env, best, evaluations, "absolute")]
+    plays = [(algo, env, final, evaluations, actions), (f"{algo}_best", env, best, evaluations, "absolute")]
+    if selected.exists():
+        plays.append((f"{algo}_selected", env, ALGOS[algo].load(selected, device="cpu"), evaluations, actions))
+    return plays
+
+
+def _csv_rows(path: Path) -> int:
+    with open(path, newline="") as f:
+        return len(list(csv.DictReader(f)))
 
 
 def _f(v, fmt="{:.4f}") -> str:
