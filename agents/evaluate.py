@@ -1,4 +1,5 @@
-"""Evaluate a training run: replay the saved agent (one deterministic episode) and ``best.json`` as a policy.
+"""Evaluate a training run: replay the saved agent (one deterministic episode), ``best.json`` as a policy, and
+the selected policy snapshot (``selected.zip``) when the run checked its policy (``select_every``).
 
     python -m agents.evaluate runs/ChannelPrune-ResNet18-v0/ppo_s0_20250101-120000
     python -m agents.evaluate RUN_DIR --env-kwargs reward_size=500 --split test
@@ -24,7 +25,7 @@ from envs.cli import parse_key_values
 from envs.episodes import run_episode
 
 from .algos import ALGOS
-from .common import BEST_FILE, CONFIG_FILE, MODEL_FILE
+from .common import BEST_FILE, CONFIG_FILE, MODEL_FILE, SELECTED_MODEL_FILE
 from .policy import BestPolicy, make_env_from_record
 from .relative_actions import actions_of_config, wrap_actions
 
@@ -41,7 +42,8 @@ def _test_accuracy(env, info: dict[str, Any]) -> float:
 
 
 def evaluate_run(run_dir: str | Path, test: bool = False, **env_overrides: Any) -> dict[str, dict[str, Any]]:
-    """``{"agent": metrics, "best": metrics}`` for a run directory (``best`` absent without best.json).
+    """``{"agent": metrics, "best": metrics, "selected": metrics}`` for a run directory (``best`` absent without
+    best.json, ``selected`` without selected.zip).
 
     ``metrics`` holds the env's final info (reward, accuracy, FLOPs / params / effective-FLOPs ratios, keep
     ratios); with ``test=True`` also ``test_accuracy``.
@@ -52,14 +54,16 @@ def evaluate_run(run_dir: str | Path, test: bool = False, **env_overrides: Any) 
         raise ValueError(f"run_dir={str(run_dir)!r} has no {CONFIG_FILE}; is it a directory written by "
                          "agents.train?")
     cfg = yaml.safe_load(cfg_path.read_text())
-    env = make_env_from_record(cfg, repr(str(cfg_path)), **env_overrides)
+    # every replay scored on the whole reward split: in a raced env (screen_size) a replay that cannot beat an
+    # earlier one would stop at the first rung
+    env = make_env_from_record(cfg, repr(str(cfg_path)), **{"screen_size": None, **env_overrides})
     out: dict[str, dict[str, Any]] = {}
     try:
-        model_path = run_dir / MODEL_FILE
-        if model_path.is_file():
-            model = ALGOS[cfg["algo"]].load(model_path, device="cpu")
-            reward, info = run_episode(wrap_actions(env, actions_of_config(cfg)), model)
-            out["agent"] = {**info, "reward": reward}
+        for name, model_path in (("agent", run_dir / MODEL_FILE), ("selected", run_dir / SELECTED_MODEL_FILE)):
+            if model_path.is_file():
+                model = ALGOS[cfg["algo"]].load(model_path, device="cpu")
+                reward, info = run_episode(wrap_actions(env, actions_of_config(cfg)), model)
+                out[name] = {**info, "reward": reward}
         if (run_dir / BEST_FILE).is_file():
             reward, info = run_episode(env, BestPolicy.load(run_dir / BEST_FILE))
             out["best"] = {**info, "reward": reward}

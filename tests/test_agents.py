@@ -261,6 +261,8 @@ def test_policy_selection_keeps_the_snapshot_whose_deterministic_plan_scored_bes
     policy = ALGOS["ppo"].load(run / SELECTED_MODEL_FILE, device="cpu")
     env = wrap_actions(gym.make(ENV_ID, **small_kwargs), "anchored")  # the run's actions, scored in full
     assert run_episode(env, policy)[1]["accuracy"] == selected["accuracy"]
+    replay = evaluate_run(run, data=small_kwargs["data"])  # the CLI's replay, scored in full, names it too
+    assert replay["selected"]["accuracy"] == selected["accuracy"]
 
     assert agent_methods("ppo", ENV_ID, str(run)) == ["ppo", "ppo_best", "ppo_selected"]
     assert agent_methods("ppo", ENV_ID, None) == ["ppo", "ppo_best"]  # the preset checks no policy
