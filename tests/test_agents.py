@@ -245,7 +245,7 @@ def test_policy_selection_keeps_the_snapshot_whose_deterministic_plan_scored_bes
     training races it), selected.zip is the first snapshot with the best check, it replays to that reward, and
     the benchmark gives the run a third row counting the checks as evaluations."""
     from agents.common import SELECTED_MODEL_FILE
-    from baselines.experiments.benchmark import agent_methods, agent_plays
+    from baselines.experiments.benchmark import agent_checks, agent_methods, agent_plays
 
     kwargs = {**small_kwargs, "screen_size": 50}
     run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False,
@@ -264,8 +264,12 @@ def test_policy_selection_keeps_the_snapshot_whose_deterministic_plan_scored_bes
     replay = evaluate_run(run, data=small_kwargs["data"])  # the CLI's replay, scored in full, names it too
     assert replay["selected"]["accuracy"] == selected["accuracy"]
 
-    assert agent_methods("ppo", ENV_ID, str(run)) == ["ppo", "ppo_best", "ppo_selected"]
-    assert agent_methods("ppo", ENV_ID, None) == ["ppo", "ppo_best"]  # the preset checks no policy
+    assert agent_methods("ppo", ENV_ID, 12, str(run)) == ["ppo", "ppo_best", "ppo_selected"]
+    assert agent_methods("ppo", ENV_ID, 12, None) == ["ppo", "ppo_best"]  # the preset checks no policy
+    assert agent_checks("ppo", ENV_ID, 12, str(run)) == 4
+    # trained by the benchmark: the preset's checks (ResNet-18's: every 20 episodes), none in a short run
+    assert agent_checks("ppo", "ChannelPrune-ResNet18-v0", 300, None) == 15
+    assert agent_methods("ppo", "ChannelPrune-ResNet18-v0", 12, None) == ["ppo", "ppo_best"]
     plays = agent_plays("ppo", ENV_ID, env.unwrapped, kwargs, 0.5, 12, 0, tmp_path, str(run), False)
     assert [p[0] for p in plays] == ["ppo", "ppo_best", "ppo_selected"]
     assert {p[3] for p in plays} == {12 + 4}  # episodes plus policy checks: the run's reward-split evaluations

@@ -175,8 +175,8 @@ def run_cell(job: Job, cell: Cell, env, **options) -> list[dict]:
     t0, method = time.perf_counter(), cell.name
     try:
         if cell.kind == "baseline":
-            if is_search(cell.name):  # a search at equal evaluations: as many as the agents' episodes
-                options["samples"] = job.episodes
+            if is_search(cell.name):  # a search at equal evaluations: as many as the agents ran
+                options["samples"] = job.search_samples or job.episodes
             policy = make_baseline(cell.name, env, seed=cell.seed, **options)
             own = policy.own_network()
             if own is not None:  # the method's own network (Channel Gating), not an env plan
@@ -267,7 +267,7 @@ def benchmark(
     for budget in budgets:
         for seed in seeds:
             jobs = [("baseline", n, [n]) for n in baselines] + [
-                ("agent", a, agent_methods(a, env_id, agent_runs.get(a))) for a in agents]
+                ("agent", a, agent_methods(a, env_id, episodes, agent_runs.get(a))) for a in agents]
             for kind, name, methods in jobs:
                 todo = [m for m in methods if (m, budget, seed) not in done]
                 if todo:
@@ -277,8 +277,10 @@ def benchmark(
     if ("unpruned", 1.0, 0) not in done:
         append_row(csv_path, {**unpruned_row(first, latency), **machines(first.device),
                                "test_images": len(first.data.test)})
+    # searches at equal evaluations: the agents' episodes plus their policy checks
+    checks = max((agent_checks(a, env_id, episodes, agent_runs.get(a)) for a in agents), default=0)
     job = Job(env_id, env_kwargs, episodes, finetune_steps, str(out), agent_runs, progress, latency,
-              latency_rounds)
+              latency_rounds, search_samples=episodes + checks)
     if ray_address is not None:
         from .ray_grid import run_cells_on_ray
 
@@ -451,16 +453,23 @@ def unpruned_row(env, latency: str = "device") -> dict:
             "search_seconds": 0.0, "finetune_seconds": 0.0, "keep_ratios": json.dumps([1.0] * env.n_groups)}
 
 
-def agent_methods(algo: str, env_id: str, run_dir: str | None) -> list[str]:
-    """The rows an agent gives: ``algo`` and ``algo_best``, plus ``algo_selected`` when its run checks its policy
-    on the reward split (``select_every``: the run directory has ``selected.zip``, or, trained here, the preset
-    sets it)."""
-    from agents.common import SELECTED_MODEL_FILE
+def agent_checks(algo: str, env_id: str, episodes: int, run_dir: str | None) -> int:
+    """The reward-split checks of its policy an agent's run makes besides its episodes (``select_every``): those
+    in its ``selection.csv``, or, trained here, those the preset asks for."""
+    from agents.common import SELECTION_FILE
     from agents.presets import get_preset
 
-    selects = (Path(run_dir) / SELECTED_MODEL_FILE).exists() if run_dir is not None else \
-        get_preset(algo, env_id).get("select_every") is not None
-    return [algo, f"{algo}_best"] + ([f"{algo}_selected"] if selects else [])
+    if run_dir is not None:
+        path = Path(run_dir) / SELECTION_FILE
+        return _csv_rows(path) if path.exists() else 0
+    every = get_preset(algo, env_id).get("select_every")
+    return episodes // every if every else 0
+
+
+def agent_methods(algo: str, env_id: str, episodes: int, run_dir: str | None) -> list[str]:
+    """The rows an agent gives: ``algo`` and ``algo_best``, plus ``algo_selected`` when its run checks its policy
+    on the reward split (``agent_checks``)."""
+    return [algo, f"{algo}_best"] + ([f"{algo}_selected"] if agent_checks(algo, env_id, episodes, run_dir) else [])
 
 
 def agent_plays(algo: str, env_id: str, env, env_kwargs: dict, budget: float, episodes: int, seed: int, out: Path,

@@ -66,6 +66,7 @@ class Job:
     progress: bool
     latency: str
     latency_rounds: int = 3
+    search_samples: int | None = None  # a search's evaluations (None: ``episodes``): the agents' episodes + checks
 
 
 def error_row(cell: Cell, method: str, error: str, seconds: float = 0.0, where: dict | None = None) -> dict:

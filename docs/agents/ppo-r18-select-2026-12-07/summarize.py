@@ -1,0 +1,94 @@
+"""One-off: PPO's selected policy (select_every=20) against its last policy, its best episode and the random
+searches, ResNet-18 at budget 0.3 (issue 13). From the repository root, after the runs and benchmarks of the
+README section "Choosing the final policy on the reward split":
+
+    python docs/agents/ppo-r18-select-2026-12-07/summarize.py
+
+Reads results/sel-r18-bench-b0.3-s<S>/results.csv (this machine) and the random searches' rows of
+docs/agents/ppo-r18-avx512-2026-12-01/anchored-b0.3/results.csv (the earlier machine, bf16 evaluator); writes
+summary.md, results.csv, selection.png and each run's logs next to this file."""
+import csv
+import glob
+import shutil
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from scipy import stats as st
+
+from baselines.experiments.stats import compare, estimate
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+here = Path(__file__).parent
+earlier = Path("docs/agents/ppo-r18-avx512-2026-12-01/anchored-b0.3/results.csv")
+rows = [r for f in sorted(glob.glob("results/sel-r18-bench-b0.3-s*/results.csv")) for r in csv.DictReader(open(f))
+        if r["status"] == "ok"]
+rows += [dict(r, method=r["method"] + " (earlier)") for r in csv.DictReader(open(earlier))
+         if r["method"] in ("random_search", "random_search_anchored", "ppo_anch", "ppo_anch_best", "unpruned",
+                            "uniform_internal", "polarization")]
+with open(here / "results.csv", "w", newline="") as fh:
+    w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+by: dict[str, list] = {}
+for r in rows:
+    if r["method"] == "unpruned" and "unpruned" in by:
+        continue
+    by.setdefault(r["method"], []).append((int(r["seed"]), float(r["reward_acc_before_ft"]),
+                                           float(r["test_acc_before_ft"]), r["evaluations"]))
+est = {m: estimate([t for _, _, t, _ in v]) for m, v in by.items()}
+
+
+def welch(a, b):
+    ci = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return f"{100 * (np.mean(a) - np.mean(b)):+.1f} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}]"
+
+
+order = ["ppo_selected", "ppo_best", "ppo", "ppo_anch_best (earlier)", "ppo_anch (earlier)",
+         "random_search (earlier)", "random_search_anchored (earlier)", "uniform_internal (earlier)",
+         "polarization (earlier)", "unpruned", "unpruned (earlier)"]
+tests = {m: [t for _, _, t, _ in by[m]] for m in by}
+rs, rsa = tests["random_search (earlier)"], tests["random_search_anchored (earlier)"]
+lines = ["| method | seeds | evaluations | reward split, per seed | test, per seed | **test, mean [95% t]** | "
+         "vs random_search (intervals) | minus random_search [Welch 95%] | minus random_search_anchored "
+         "[Welch 95%] |", "|---" * 9 + "|"]
+for m in [m for m in order if m in by]:
+    v, e = by[m], est[m]
+    many = len(v) > 1 and m not in ("random_search (earlier)", "random_search_anchored (earlier)")
+    lines.append(f"| `{m}` | {', '.join(str(s) for s, *_ in v)} | {v[0][3]} | "
+                 f"{', '.join(f'{r:.4f}' for _, r, _, _ in v)} | {', '.join(f'{t:.4f}' for _, _, t, _ in v)} | "
+                 f"{e.mean:.4f}" + (f" [{e.low:.4f}, {e.high:.4f}]" if len(v) > 1 else "") + " | "
+                 + (compare(e, est['random_search (earlier)']) if m != "random_search (earlier)" else "") + " | "
+                 + (welch(tests[m], rs) if many else "") + " | " + (welch(tests[m], rsa) if many else "") + " |")
+sel = {}
+for run in sorted(glob.glob("results/sel-r18-b0.3-s[0-9]")):
+    seed = run.rsplit("-s", 1)[1]
+    dest = here / f"ppo_sel-b0.3-s{seed}"
+    dest.mkdir(exist_ok=True)
+    for name in ("episodes.csv", "selection.csv", "selected.json", "best.json", "config.yaml"):
+        shutil.copy(Path(run) / name, dest / name)
+    sel[seed] = (list(csv.DictReader(open(Path(run) / "episodes.csv"))),
+                 list(csv.DictReader(open(Path(run) / "selection.csv"))))
+lines += ["", "| run | selected check (episode) | its reward | last check's reward | checks' rewards |",
+          "|---|---|---|---|---|"]
+fig, ax = plt.subplots(figsize=(8, 4.5))
+for seed, (eps, checks) in sel.items():
+    r = np.array([float(e["reward"]) for e in eps])
+    k = 20
+    ax.plot(np.arange(k, len(r) + 1), np.convolve(r, np.ones(k) / k, "valid"), alpha=0.6,
+            label=f"seed {seed}: episodes, mean of 20")
+    cr = [float(c["reward"]) for c in checks]
+    ax.plot([int(c["episodes"]) for c in checks], cr, "o-", ms=4, label=f"seed {seed}: deterministic checks")
+    i = int(np.argmax(cr))
+    lines.append(f"| ppo_sel-b0.3-s{seed} | {i + 1} ({checks[i]['episodes']}) | {cr[i]:.4f} | {cr[-1]:.4f} | "
+                 + ", ".join(f"{c:.4f}" for c in cr) + " |")
+ax.set_xlabel("training episode")
+ax.set_ylabel("reward-split accuracy")
+ax.set_title("PPO (anchored), ResNet-18, budget 0.3: episodes and deterministic-policy checks")
+ax.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(here / "selection.png", dpi=110)
+(here / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
