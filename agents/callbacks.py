@@ -27,6 +27,8 @@ from .common import BEST_FILE, EPISODES_FILE, SELECTED_FILE, SELECTED_MODEL_FILE
 
 CSV_FIELDS = ("episode", "timesteps", "env", "reward", "accuracy", "flops_ratio", "params_ratio",
               "effective_flops_ratio", "clamp_total", "images_scored", "seconds", "keep_ratios")
+SELECTION_FIELDS = ("check", "episodes", "reward", "accuracy", "flops_ratio", "params_ratio", "images_scored",
+                    "keep_ratios")
 BEST_KEYS = ("accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops_ratio", "latency_ratio",
              "budget_excess", "keep_ratios", "runtime_ratios", "kept_counts", "requested_ratios", "clamp_total")
 
@@ -239,6 +241,3 @@ class PolicySelection(EvalCallback):
                              **{k: info[k] for k in BEST_KEYS if k in info}}
             write_json_atomic(self.run_dir / SELECTED_FILE, self.selected)
 
-
-SELECTION_FIELDS = ("check", "episodes", "reward", "accuracy", "flops_ratio", "params_ratio", "images_scored",
-                    "keep_ratios")
