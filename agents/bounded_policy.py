@@ -11,17 +11,17 @@ the bounds and each group's ratio stays a live choice. The std is SB3's state-in
 the draws are still clipped by the env, and PPO's log-probabilities are those of the unclipped Gaussian, as in
 ``MlpPolicy``. A model saved with it loads with ``PPO.load`` wherever ``agents`` is importable.
 
-Measured (README, "Keeping PPO's mean inside the action bounds"; 3 seeds x 300 episodes, budget 0.3): it does not
-beat random search, and the bounded means still end at -1 or +1 (where about half the draws clip). So the
-presets keep ``MlpPolicy``; this class is the ablation's other arm.
+Measured (docs/reports/agents.md, "Keeping PPO's mean inside the action bounds"; 3 seeds x 300 episodes, budget
+0.3): it does not beat random search, and the bounded means still end at -1 or +1 (where about half the draws
+clip). So the presets keep ``MlpPolicy``; this class is the ablation's other arm.
 
 ``BetaMlpPolicy`` (preset ``policy: BetaMlpPolicy``) draws each action from a Beta distribution on [-1, 1] instead
 (Chou, Maturana & Scherer, ICML 2017): its support is the action box, so no draw is clipped and the
 log-probabilities are those of the actions the env receives. A clipped Gaussian's mean near a bound gets
 almost no gradient (and clipping biases it toward the bound); a Beta's concentrations keep one. Both
 concentrations are ``1 + softplus`` of the action head, so the density is unimodal, and the deterministic action
-is its mode. Measured (README, "Relative actions"; a 2-seed pilot with ``actions: relative``): it converges
-instead of drifting, but onto corner plans too; not in the presets.
+is its mode. Measured (docs/reports/agents.md, "Relative actions"; a 2-seed pilot with ``actions: relative``): it
+converges instead of drifting, but onto corner plans too; not in the presets.
 """
 
 from __future__ import annotations

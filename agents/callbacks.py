@@ -146,9 +146,9 @@ class ExplorationDecay(BaseCallback):
     counterpart. Before each rollout every log-std is clipped to the schedule's value at the run's progress, so
     the rollout's log-probabilities are those of the policy that acts; PPO may still learn a smaller std.
 
-    Measured (README, "ResNet-56 (30 groups)", its ablations; 3 seeds, ``final_std=0.1``): no gain. The final
-    policies scored 0.25, 0.40 and 0.39 on test (the preset's, same seeds: 0.18, 0.49, 0.43), so it is not in
-    the presets.
+    Measured (docs/reports/agents.md, "ResNet-56 (30 groups)", its ablations; 3 seeds, ``final_std=0.1``): no gain.
+    The final policies scored 0.25, 0.40 and 0.39 on test (the preset's, same seeds: 0.18, 0.49, 0.43), so it is
+    not in the presets.
 
     Args:
         final_std: the cap at the end of the run (the std in the [-1, 1] action space).
@@ -187,9 +187,9 @@ class PolicySelection(EvalCallback):
     """Every ``every`` training episodes, play the deterministic policy once on ``eval_env`` and keep the best
     snapshot: early stopping on the reward split, as RL Zoo keeps ``best_model`` with SB3's EvalCallback.
 
-    A PPO policy's mean can drift away from its best plans late in a run (README, "Cheaper episodes": 800 episodes
-    on ResNet-18, best found at episode 81, final policy 12 points below it on test). The snapshot whose
-    deterministic plan scores best on the reward split is saved as ``selected.zip``, its plan as
+    A PPO policy's mean can drift away from its best plans late in a run (docs/reports/agents.md, "Cheaper
+    episodes": 800 episodes on ResNet-18, best found at episode 81, final policy 12 points below it on test). The
+    snapshot whose deterministic plan scores best on the reward split is saved as ``selected.zip``, its plan as
     ``selected.json`` (same fields as ``best.json``), and every check as a row of ``selection.csv``. Each check is
     one more reward-split evaluation, which the benchmark adds to the run's count. ``eval_env`` should score every
     plan in full (no ``screen_size``): a raced first-rung score is too noisy to choose by.

@@ -3,7 +3,8 @@
 With the env's own (absolute) actions and ``budget_mode="fill"``, only the groups' ratios relative to each other
 matter: the fill rescales the plan, so moving every action together changes little, nothing pulls the policy's
 mean back along that direction, and PPO's means were measured to drift to the action bounds, where the clipped
-actions stop carrying what the policy learned (README, "Keeping PPO's mean inside the action bounds").
+actions stop carrying what the policy learned (docs/reports/agents.md, "Keeping PPO's mean inside the
+action bounds").
 
 ``RelativeActions`` removes that direction. At step ``t`` the env's ``even_keep_ratio()`` is the ratio that,
 given to this group and every later one, spends the budget with the earlier groups as decided. The agent's
@@ -16,18 +17,18 @@ passes through as it is.
 A model trained with ``actions: relative`` (a preset key of ``agents/presets.yaml``) acts through this wrapper:
 ``agents.evaluate`` re-applies it from the run's ``config.yaml``.
 
-Measured (README, "Relative actions"; PPO, 3 seeds x 300 episodes, budget 0.3): a tie with random search, and
-the policies' means still end at the bounds (in 2 of 3 seeds "-1 everywhere"), so the presets keep absolute
-actions; this is the ablation's other arm.
+Measured (docs/reports/agents.md, "Relative actions"; PPO, 3 seeds x 300 episodes, budget 0.3): a tie with random
+search, and the policies' means still end at the bounds (in 2 of 3 seeds "-1 everywhere"), so the presets keep
+absolute actions; this is the ablation's other arm.
 
 ``AnchoredActions`` (``actions: anchored``) asks for ``anchor[t] * SPREAD**a`` instead, where the anchor is a fixed
 plan: Li et al.'s ResNet plan (``CostModel.streams_whole``: residual streams whole, one ratio inside the blocks;
 the ``uniform_internal`` baseline). ``a = 0`` at every step is that plan, so the search starts from the structure
-the best plans were measured to share (README, "ResNet-56 (30 groups)") and learns departures from it. Its
-control at equal evaluations is ``random_search_anchored``: the same plans a uniformly random policy would ask
-for. Measured (README, "Anchored actions"; ResNet-56, budget 0.3, 10 seeds): PPO's best of 300 0.5415 on test,
-above ``random_search_anchored`` (0.4686), ``uniform_internal`` (0.4652) and random search (0.3723), intervals
-apart. On ResNet-18 (budget 0.3, 5 seeds; "Anchored actions on ResNet-18"): 0.7668, above
+the best plans were measured to share (docs/reports/agents.md, "ResNet-56 (30 groups)") and learns departures from
+it. Its control at equal evaluations is ``random_search_anchored``: the same plans a uniformly random policy would
+ask for. Measured (docs/reports/agents.md, "Anchored actions"; ResNet-56, budget 0.3, 10 seeds): PPO's best of 300
+0.5415 on test, above ``random_search_anchored`` (0.4686), ``uniform_internal`` (0.4652) and random search
+(0.3723), intervals apart. On ResNet-18 (budget 0.3, 5 seeds; "Anchored actions on ResNet-18"): 0.7668, above
 ``random_search_anchored`` (0.7467) and random search (0.6957), intervals apart. The ResNet-18 and ResNet-56
 presets use it.
 """

@@ -4,7 +4,7 @@ Static importance (dataset-wide; decides which channels are removed for storage)
 
 * ``taylor`` (default): first-order Taylor, ``|sum(a * dL/da)|`` at the group's BN outputs on the calibration
   split. The default because it was the best pruner of all scorers (``python -m baselines.experiments.predictors``,
-  README "Importance predictors"): at uniform keep ratios on ResNet-18 it kept 0.4-5.3 points more test accuracy
+  docs/reports/predictors.md): at uniform keep ratios on ResNet-18 it kept 0.4-5.3 points more test accuracy
   than the learned predictor and 5-28 points more than L1.
 * ``l1``: sum of the group's producer filters' L1 norms (each producer normalized by its mean; Li et al. 2017).
 * ``bn``: sum of the group's BatchNorm ``|gamma|`` (Network Slimming).

@@ -1,4 +1,4 @@
-"""Speed benchmark of the environment (``make bench``; numbers go to the README).
+"""Speed benchmark of the environment (``make bench``; numbers go to docs/reports/speed.md).
 
     python -m baselines.experiments.speed --env ChannelPrune-ResNet18-v0 --budget 0.5 --episodes 5 \\
         --memory-episodes 300 [--device auto|cpu|cuda|cuda:N]

@@ -1,15 +1,16 @@
 """One-off: PPO's selected policy (select_every=20) against its last policy, its best episode and the random
-searches, ResNet-18 at budget 0.3 (issue 13). From the repository root, after the runs and benchmarks of the
-README section "Choosing the final policy on the reward split":
+searches, ResNet-18 at budget 0.3 or 0.5 (issue 13). From the repository root, after the runs and benchmarks of
+the section "Choosing the final policy on the reward split" (docs/reports/agents.md):
 
-    python docs/agents/ppo-r18-select-2026-12-07/summarize.py
+    python docs/agents/ppo-r18-select-2026-12-07/summarize.py [BUDGET]      # 0.3 (default) or 0.5
 
-Reads results/sel-r18-bench-b0.3-s<S>/results.csv (this machine) and the random searches' rows of
-docs/agents/ppo-r18-avx512-2026-12-01/anchored-b0.3/results.csv (the earlier machine, bf16 evaluator); writes
-summary.md, results.csv, selection.png and each run's logs next to this file."""
+Reads results/sel-r18-bench-b<BUDGET>-s<S>/results.csv (this machine) and the earlier rows of
+docs/agents/ppo-r18-avx512-2026-12-01/anchored-b<BUDGET>/results.csv (the earlier machine, bf16 evaluator); writes
+summary.md, results.csv, selection.png and each run's logs next to this file (budget 0.3) or into b<BUDGET>/."""
 import csv
 import glob
 import shutil
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,10 +22,12 @@ from baselines.experiments.stats import compare, estimate
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-here = Path(__file__).parent
-earlier = Path("docs/agents/ppo-r18-avx512-2026-12-01/anchored-b0.3/results.csv")
-rows = [r for f in sorted(glob.glob("results/sel-r18-bench-b0.3-s*/results.csv")) for r in csv.DictReader(open(f))
-        if r["status"] == "ok"]
+budget = sys.argv[1] if len(sys.argv) > 1 else "0.3"
+here = Path(__file__).parent if budget == "0.3" else Path(__file__).parent / f"b{budget}"
+here.mkdir(exist_ok=True)
+earlier = Path(f"docs/agents/ppo-r18-avx512-2026-12-01/anchored-b{budget}/results.csv")
+rows = [r for f in sorted(glob.glob(f"results/sel-r18-bench-b{budget}-s*/results.csv"))
+        for r in csv.DictReader(open(f)) if r["status"] == "ok"]
 rows += [dict(r, method=r["method"] + " (earlier)") for r in csv.DictReader(open(earlier))
          if r["method"] in ("random_search", "random_search_anchored", "ppo_anch", "ppo_anch_best", "unpruned",
                             "uniform_internal", "polarization")]
@@ -63,9 +66,9 @@ for m in [m for m in order if m in by]:
                  + (compare(e, est['random_search (earlier)']) if m != "random_search (earlier)" else "") + " | "
                  + (welch(tests[m], rs) if many else "") + " | " + (welch(tests[m], rsa) if many else "") + " |")
 sel = {}
-for run in sorted(glob.glob("results/sel-r18-b0.3-s[0-9]")):
+for run in sorted(glob.glob(f"results/sel-r18-b{budget}-s[0-9]")):
     seed = run.rsplit("-s", 1)[1]
-    dest = here / f"ppo_sel-b0.3-s{seed}"
+    dest = here / f"ppo_sel-b{budget}-s{seed}"
     dest.mkdir(exist_ok=True)
     for name in ("episodes.csv", "selection.csv", "selected.json", "best.json", "config.yaml"):
         shutil.copy(Path(run) / name, dest / name)
@@ -82,11 +85,11 @@ for seed, (eps, checks) in sel.items():
     cr = [float(c["reward"]) for c in checks]
     ax.plot([int(c["episodes"]) for c in checks], cr, "o-", ms=4, label=f"seed {seed}: deterministic checks")
     i = int(np.argmax(cr))
-    lines.append(f"| ppo_sel-b0.3-s{seed} | {i + 1} ({checks[i]['episodes']}) | {cr[i]:.4f} | {cr[-1]:.4f} | "
+    lines.append(f"| ppo_sel-b{budget}-s{seed} | {i + 1} ({checks[i]['episodes']}) | {cr[i]:.4f} | {cr[-1]:.4f} | "
                  + ", ".join(f"{c:.4f}" for c in cr) + " |")
 ax.set_xlabel("training episode")
 ax.set_ylabel("reward-split accuracy")
-ax.set_title("PPO (anchored), ResNet-18, budget 0.3: episodes and deterministic-policy checks")
+ax.set_title(f"PPO (anchored), ResNet-18, budget {budget}: episodes and deterministic-policy checks")
 ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig(here / "selection.png", dpi=110)
