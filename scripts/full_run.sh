@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The full run (docs/reports/benchmark-runs.md): ResNet-18 at budgets 0.3 / 0.5 / 0.7, every method, seeds 0 1 2, 800 fine-tune steps.
+# The full run (docs/reports/benchmark-runs.md): ResNet-18 at budgets 0.3 / 0.5 / 0.7, every method,
+# seeds 0 1 2, 800 fine-tune steps.
 # Two benchmark processes per (budget, seed), all at once on one device (on one GPU they share it), without
 # latency timing; then one merged report, and the exported nets timed serially on this machine's CPU.
 #   DEVICE=cuda OUT=results/full bash scripts/full_run.sh
