@@ -5,8 +5,10 @@ the section "Choosing the final policy on the reward split" (docs/reports/agents
     python docs/agents/ppo-r18-select-2026-12-07/summarize.py [BUDGET]      # 0.3 (default) or 0.5
 
 Reads results/sel-r18-bench-b<BUDGET>-s<S>/results.csv (this machine) and the earlier rows of
-docs/agents/ppo-r18-avx512-2026-12-01/anchored-b<BUDGET>/results.csv (the earlier machine, bf16 evaluator); writes
-summary.md, results.csv, selection.png and each run's logs next to this file (budget 0.3) or into b<BUDGET>/."""
+docs/agents/ppo-r18-avx512-2026-12-01/anchored-b<BUDGET>/results.csv (the earlier machine, bf16 evaluator), and
+the matched searches rerun on this machine with more seeds, results/i13-r18-rsa-b<BUDGET>-s<S>/results.csv (section
+"More seeds of the matched search at budget 0.5"); writes summary.md, results.csv, selection.png and each run's
+logs next to this file (budget 0.3) or into b<BUDGET>/."""
 import csv
 import glob
 import shutil
@@ -31,6 +33,9 @@ rows = [r for f in sorted(glob.glob(f"results/sel-r18-bench-b{budget}-s*/results
 rows += [dict(r, method=r["method"] + " (earlier)") for r in csv.DictReader(open(earlier))
          if r["method"] in ("random_search", "random_search_anchored", "ppo_anch", "ppo_anch_best", "unpruned",
                             "uniform_internal", "polarization")]
+rows += [dict(r, method=r["method"] + " (here)")
+         for f in sorted(glob.glob(f"results/i13-r18-rsa-b{budget}-s*/results.csv"))
+         for r in csv.DictReader(open(f)) if r["status"] == "ok" and r["method"] != "unpruned"]
 with open(here / "results.csv", "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()), extrasaction="ignore")
     w.writeheader()
@@ -65,6 +70,18 @@ for m in [m for m in order if m in by]:
                  f"{e.mean:.4f}" + (f" [{e.low:.4f}, {e.high:.4f}]" if len(v) > 1 else "") + " | "
                  + (compare(e, est['random_search (earlier)']) if m != "random_search (earlier)" else "") + " | "
                  + (welch(tests[m], rs) if many else "") + " | " + (welch(tests[m], rsa) if many else "") + " |")
+matched = {k: tests[f"random_search_anchored ({k})"] for k in ("earlier", "here")
+           if f"random_search_anchored ({k})" in tests}
+if "here" in matched:  # the matched search over every seed, both machines, against PPO's rows
+    matched["all"] = matched["earlier"] + matched["here"]
+    lines += ["", "| `random_search_anchored` seeds | n | test, per seed | **test, mean [95% t]** | "
+              + " | ".join(f"`{m}` minus it [Welch 95%]" for m in ("ppo_selected", "ppo_best", "ppo")) + " |",
+              "|---" * 7 + "|"]
+    for k, v in matched.items():
+        e = estimate(v)
+        lines.append(f"| {k} | {len(v)} | {', '.join(f'{t:.4f}' for t in v)} | {e.mean:.4f} [{e.low:.4f}, "
+                     f"{e.high:.4f}] | " + " | ".join(welch(tests[m], v) for m in ("ppo_selected", "ppo_best", "ppo"))
+                     + " |")
 sel = {}
 for run in sorted(glob.glob(f"results/sel-r18-b{budget}-s[0-9]")):
     seed = run.rsplit("-s", 1)[1]
