@@ -1,14 +1,14 @@
 """One-off: PPO's selected policy (select_every=20) against its last policy, its best episode and the random
-searches, ResNet-18 at budget 0.3 or 0.5 (issue 13). From the repository root, after the runs and benchmarks of
-the section "Choosing the final policy on the reward split" (docs/reports/agents.md):
+searches, at budget 0.3 or 0.5 on ResNet-18 or ResNet-56 (issue 13). From the repository root, after the runs
+and benchmarks of the sections "Choosing the final policy ..." (docs/reports/agents.md):
 
-    python docs/agents/ppo-r18-select-2026-12-07/summarize.py [BUDGET]      # 0.3 (default) or 0.5
+    python docs/agents/ppo-r18-select-2026-12-07/summarize.py [BUDGET] [MODEL]   # 0.3 (default) or 0.5; r18 or r56
 
-Reads results/sel-r18-bench-b<BUDGET>-s<S>/results.csv (this machine) and the earlier rows of
-docs/agents/ppo-r18-avx512-2026-12-01/anchored-b<BUDGET>/results.csv (the earlier machine, bf16 evaluator), and
-the matched searches rerun on this machine with more seeds, results/i13-r18-rsa-b<BUDGET>-s<S>/results.csv (section
-"More seeds of the matched search at budget 0.5"); writes summary.md, results.csv, selection.png and each run's
-logs next to this file (budget 0.3) or into b<BUDGET>/."""
+Reads results/sel-<MODEL>-bench-b<BUDGET>-s<S>/results.csv (this machine) and the earlier rows of
+docs/agents/ppo-<MODEL>-avx512-2026-12-01/anchored-b<BUDGET>/results.csv (the earlier machine, bf16 evaluator),
+and the matched searches rerun on this machine with more seeds, results/i13-<MODEL>-rsa-b<BUDGET>-s<S>/results.csv
+(section "More seeds of the matched search at budget 0.5"); writes summary.md, results.csv, selection.png and each
+run's logs next to this file (ResNet-18 at 0.3), into b<BUDGET>/ (ResNet-18) or into r56-b<BUDGET>/."""
 import csv
 import glob
 import shutil
@@ -25,16 +25,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 budget = sys.argv[1] if len(sys.argv) > 1 else "0.3"
-here = Path(__file__).parent if budget == "0.3" else Path(__file__).parent / f"b{budget}"
+model = sys.argv[2] if len(sys.argv) > 2 else "r18"
+if model not in ("r18", "r56"):
+    raise ValueError(f"MODEL must be r18 or r56, got {model!r}")
+net = {"r18": "ResNet-18", "r56": "ResNet-56"}[model]
+subdir = {"r18": "" if budget == "0.3" else f"b{budget}", "r56": f"r56-b{budget}"}[model]
+here = Path(__file__).parent / subdir
 here.mkdir(exist_ok=True)
-earlier = Path(f"docs/agents/ppo-r18-avx512-2026-12-01/anchored-b{budget}/results.csv")
-rows = [r for f in sorted(glob.glob(f"results/sel-r18-bench-b{budget}-s*/results.csv"))
+earlier = Path(f"docs/agents/ppo-{model}-avx512-2026-12-01/anchored-b{budget}/results.csv")
+rows = [r for f in sorted(glob.glob(f"results/sel-{model}-bench-b{budget}-s*/results.csv"))
         for r in csv.DictReader(open(f)) if r["status"] == "ok"]
 rows += [dict(r, method=r["method"] + " (earlier)") for r in csv.DictReader(open(earlier))
          if r["method"] in ("random_search", "random_search_anchored", "ppo_anch", "ppo_anch_best", "unpruned",
                             "uniform_internal", "polarization")]
 rows += [dict(r, method=r["method"] + " (here)")
-         for f in sorted(glob.glob(f"results/i13-r18-rsa-b{budget}-s*/results.csv"))
+         for f in sorted(glob.glob(f"results/i13-{model}-rsa-b{budget}-s*/results.csv"))
          for r in csv.DictReader(open(f)) if r["status"] == "ok" and r["method"] != "unpruned"]
 with open(here / "results.csv", "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()), extrasaction="ignore")
@@ -79,11 +84,11 @@ if "here" in matched:  # the matched search over every seed, both machines, agai
               "|---" * 7 + "|"]
     for k, v in matched.items():
         e = estimate(v)
+        diffs = " | ".join(welch(tests[m], v) for m in ("ppo_selected", "ppo_best", "ppo"))
         lines.append(f"| {k} | {len(v)} | {', '.join(f'{t:.4f}' for t in v)} | {e.mean:.4f} [{e.low:.4f}, "
-                     f"{e.high:.4f}] | " + " | ".join(welch(tests[m], v) for m in ("ppo_selected", "ppo_best", "ppo"))
-                     + " |")
+                     f"{e.high:.4f}] | {diffs} |")
 sel = {}
-for run in sorted(glob.glob(f"results/sel-r18-b{budget}-s[0-9]")):
+for run in sorted(glob.glob(f"results/sel-{model}-b{budget}-s[0-9]")):
     seed = run.rsplit("-s", 1)[1]
     dest = here / f"ppo_sel-b{budget}-s{seed}"
     dest.mkdir(exist_ok=True)
@@ -106,7 +111,7 @@ for seed, (eps, checks) in sel.items():
                  + ", ".join(f"{c:.4f}" for c in cr) + " |")
 ax.set_xlabel("training episode")
 ax.set_ylabel("reward-split accuracy")
-ax.set_title(f"PPO (anchored), ResNet-18, budget {budget}: episodes and deterministic-policy checks")
+ax.set_title(f"PPO (anchored), {net}, budget {budget}: episodes and deterministic-policy checks")
 ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig(here / "selection.png", dpi=110)
