@@ -84,11 +84,16 @@ if "here" in matched:  # the matched search over every seed, both machines, agai
               "|---" * 7 + "|"]
     for k, v in matched.items():
         e = estimate(v)
+        if len(v) < 2:  # one seed: no interval
+            lines.append(f"| {k} | 1 | {v[0]:.4f} | {v[0]:.4f} | | | |")
+            continue
         diffs = " | ".join(welch(tests[m], v) for m in ("ppo_selected", "ppo_best", "ppo"))
         lines.append(f"| {k} | {len(v)} | {', '.join(f'{t:.4f}' for t in v)} | {e.mean:.4f} [{e.low:.4f}, "
                      f"{e.high:.4f}] | {diffs} |")
 sel = {}
 for run in sorted(glob.glob(f"results/sel-{model}-b{budget}-s[0-9]")):
+    if not (Path(run) / "selected.json").exists():
+        continue  # still training
     seed = run.rsplit("-s", 1)[1]
     dest = here / f"ppo_sel-b{budget}-s{seed}"
     dest.mkdir(exist_ok=True)
