@@ -83,10 +83,10 @@ if "here" in matched:  # the matched search over every seed, both machines, agai
               + " | ".join(f"`{m}` minus it [Welch 95%]" for m in ("ppo_selected", "ppo_best", "ppo")) + " |",
               "|---" * 7 + "|"]
     for k, v in matched.items():
-        e = estimate(v)
         if len(v) < 2:  # one seed: no interval
             lines.append(f"| {k} | 1 | {v[0]:.4f} | {v[0]:.4f} | | | |")
             continue
+        e = estimate(v)
         diffs = " | ".join(welch(tests[m], v) for m in ("ppo_selected", "ppo_best", "ppo"))
         lines.append(f"| {k} | {len(v)} | {', '.join(f'{t:.4f}' for t in v)} | {e.mean:.4f} [{e.low:.4f}, "
                      f"{e.high:.4f}] | {diffs} |")
