@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 
 from .algos import ALGOS, ON_POLICY
@@ -28,8 +29,9 @@ from .relative_actions import check_actions
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 EXTRA_KEYS = {
     "on": ("policy", "actions", "n_steps_episodes", "episode_reward", "baseline_alpha", "final_std",
-           "select_every"),
-    "off": ("policy", "actions", "warmup_episodes", "noise", "episode_reward", "baseline_alpha", "select_every"),
+           "select_every", "final_learning_rate"),
+    "off": ("policy", "actions", "warmup_episodes", "noise", "episode_reward", "baseline_alpha", "select_every",
+            "final_learning_rate"),
 }
 # set by the trainer itself, never by a preset
 RESERVED = ("env", "seed", "tensorboard_log", "_init_setup_model", "verbose")
@@ -134,6 +136,16 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
                                      or select_every < 1):
         raise ValueError(f"select_every={select_every!r} must be a positive integer (training episodes per "
                          "check of the deterministic policy) or null (no checks)")
+    final_lr = hp.pop("final_learning_rate", None)
+    if final_lr is not None:
+        start = hp.get("learning_rate", _default_of(algo, "learning_rate"))
+        for name, value in (("final_learning_rate", final_lr), ("learning_rate", start)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive number when final_learning_rate is set "
+                                 "(the learning rate then falls linearly from learning_rate to it over the run)")
+        # SB3 calls a schedule with the progress remaining (1 at the start, 0 at the end of learn())
+        hp["learning_rate"] = LinearSchedule(float(start), float(final_lr), end_fraction=1.0)
+        record["learning_rate"], record["final_learning_rate"] = float(start), float(final_lr)
     hp.setdefault("policy", "MlpPolicy")
     record["policy"] = getattr(hp["policy"], "__name__", hp["policy"])
     if isinstance(hp["policy"], str):
@@ -182,7 +194,8 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
             record["noise"] = dict(noise)
             hp["action_noise"] = make_noise(noise, action_dim, episode_len, n_envs,
                                             int(hp.get("learning_starts", _default_of(algo, "learning_starts"))))
-    record.update({k: v for k, v in hp.items() if k not in ("action_noise", "policy")})
+    skip = ("action_noise", "policy") + (("learning_rate",) if final_lr is not None else ())  # recorded above
+    record.update({k: v for k, v in hp.items() if k not in skip})
     record["episode_reward"], record["baseline_alpha"], record["actions"] = episode_reward, alpha, actions
     for key, value in (("final_std", final_std), ("select_every", select_every)):
         if value is not None:

@@ -524,6 +524,22 @@ def test_exploration_decay_caps_ppos_std_down_to_final_std(monkeypatch, tmp_path
         resolve("ppo", {**get_preset("ppo", ENV_ID), "policy": "BetaMlpPolicy", "final_std": 0.1}, 12, 1, 1)
 
 
+def test_final_learning_rate_falls_linearly_over_the_run(tmp_path):
+    """final_learning_rate: each PPO update runs at a rate between learning_rate and the final one, falling
+    from one update to the next; the run records both; a non-number is refused by name."""
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
+    run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False,
+                n_steps_episodes=2, learning_rate=1e-3, final_learning_rate=1e-4)
+    hp = yaml.safe_load((run / "config.yaml").read_text())["hyperparams"]
+    assert hp["learning_rate"] == 1e-3 and hp["final_learning_rate"] == 1e-4
+    model = ALGOS["ppo"].load(run / "model.zip", device="cpu")
+    last = model.policy.optimizer.param_groups[0]["lr"]  # the rate of the run's last update
+    assert 1e-4 <= last < 0.35e-3  # 6 updates: the last starts at 5/6 of the run
+    assert model.lr_schedule(1.0) == pytest.approx(1e-3) and model.lr_schedule(0.5) == pytest.approx(5.5e-4)
+    with pytest.raises(ValueError, match="final_learning_rate='low'"):
+        resolve("ppo", {**get_preset("ppo", ENV_ID), "final_learning_rate": "low"}, 12, 1, 1)
+
+
 def test_init_from_starts_a_run_from_another_models_policy(small_kwargs, tmp_path):
     """A policy trained on one model starts a run on another (same observation length): before any update the
     new run's policy is the source's; a run of another algo or without model.zip is refused by name."""
