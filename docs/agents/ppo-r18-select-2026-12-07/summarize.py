@@ -5,7 +5,9 @@ and benchmarks of the sections "Choosing the final policy ..." (docs/reports/age
     python docs/agents/ppo-r18-select-2026-12-07/summarize.py [BUDGET] [MODEL]   # 0.3 (default) or 0.5; r18 or r56
 
 Reads results/sel-<MODEL>-bench-b<BUDGET>-s<S>/results.csv (this machine) and the earlier rows of
-docs/agents/ppo-<MODEL>-avx512-2026-12-01/anchored-b<BUDGET>/results.csv (the earlier machine, bf16 evaluator),
+docs/agents/ppo-<MODEL>-avx512-2026-12-01/anchored-b<BUDGET>/results.csv (the earlier machine, bf16 evaluator;
+where anchored actions were never run there, as at 0.7 on ResNet-56, b<BUDGET>/results.csv, whose absolute-action
+PPO rows become ppo_abs and ppo_abs_best),
 and the matched searches rerun on this machine with more seeds, results/i13-<MODEL>-rsa-b<BUDGET>-s<S>/results.csv
 (section "More seeds of the matched search at budget 0.5"); writes summary.md, results.csv, selection.png and each
 run's logs next to this file (ResNet-18 at 0.3), into b<BUDGET>/ (ResNet-18) or into r56-b<BUDGET>/."""
@@ -33,11 +35,15 @@ subdir = {"r18": "" if budget == "0.3" else f"b{budget}", "r56": f"r56-b{budget}
 here = Path(__file__).parent / subdir
 here.mkdir(exist_ok=True)
 earlier = Path(f"docs/agents/ppo-{model}-avx512-2026-12-01/anchored-b{budget}/results.csv")
+renamed = {}  # the earlier PPO rows of absolute actions, where no anchored run was made
+if not earlier.exists():
+    earlier = earlier.parent.parent / f"b{budget}" / "results.csv"
+    renamed = {"ppo": "ppo_abs", "ppo_best": "ppo_abs_best"}
 rows = [r for f in sorted(glob.glob(f"results/sel-{model}-bench-b{budget}-s*/results.csv"))
         for r in csv.DictReader(open(f)) if r["status"] == "ok"]
-rows += [dict(r, method=r["method"] + " (earlier)") for r in csv.DictReader(open(earlier))
+rows += [dict(r, method=renamed.get(r["method"], r["method"]) + " (earlier)") for r in csv.DictReader(open(earlier))
          if r["method"] in ("random_search", "random_search_anchored", "ppo_anch", "ppo_anch_best", "unpruned",
-                            "uniform_internal", "polarization")]
+                            "uniform_internal", "polarization", *renamed)]
 rows += [dict(r, method=r["method"] + " (here)")
          for f in sorted(glob.glob(f"results/i13-{model}-rsa-b{budget}-s*/results.csv"))
          for r in csv.DictReader(open(f)) if r["status"] == "ok" and r["method"] != "unpruned"]
@@ -60,16 +66,19 @@ def welch(a, b):
 
 
 order = ["ppo_selected", "ppo_best", "ppo", "ppo_anch_best (earlier)", "ppo_anch (earlier)",
-         "random_search (earlier)", "random_search_anchored (earlier)", "uniform_internal (earlier)",
-         "polarization (earlier)", "unpruned", "unpruned (earlier)"]
+         "ppo_abs_best (earlier)", "ppo_abs (earlier)", "random_search (earlier)", "random_search_anchored (earlier)",
+         "random_search_anchored (here)", "uniform_internal (earlier)", "polarization (earlier)", "unpruned",
+         "unpruned (earlier)"]
 tests = {m: [t for _, _, t, _ in by[m]] for m in by}
-rs, rsa = tests["random_search (earlier)"], tests["random_search_anchored (earlier)"]
+searches = ("random_search (earlier)", "random_search_anchored (earlier)", "random_search_anchored (here)")
+rs = tests["random_search (earlier)"]
+rsa = tests.get("random_search_anchored (earlier)", tests.get("random_search_anchored (here)"))
 lines = ["| method | seeds | evaluations | reward split, per seed | test, per seed | **test, mean [95% t]** | "
          "vs random_search (intervals) | minus random_search [Welch 95%] | minus random_search_anchored "
          "[Welch 95%] |", "|---" * 9 + "|"]
 for m in [m for m in order if m in by]:
     v, e = by[m], est[m]
-    many = len(v) > 1 and m not in ("random_search (earlier)", "random_search_anchored (earlier)")
+    many = len(v) > 1 and m not in searches
     lines.append(f"| `{m}` | {', '.join(str(s) for s, *_ in v)} | {v[0][3]} | "
                  f"{', '.join(f'{r:.4f}' for _, r, _, _ in v)} | {', '.join(f'{t:.4f}' for _, _, t, _ in v)} | "
                  f"{e.mean:.4f}" + (f" [{e.low:.4f}, {e.high:.4f}]" if len(v) > 1 else "") + " | "
@@ -78,7 +87,8 @@ for m in [m for m in order if m in by]:
 matched = {k: tests[f"random_search_anchored ({k})"] for k in ("earlier", "here")
            if f"random_search_anchored ({k})" in tests}
 if "here" in matched:  # the matched search over every seed, both machines, against PPO's rows
-    matched["all"] = matched["earlier"] + matched["here"]
+    if "earlier" in matched:
+        matched["all"] = matched["earlier"] + matched["here"]
     lines += ["", "| `random_search_anchored` seeds | n | test, per seed | **test, mean [95% t]** | "
               + " | ".join(f"`{m}` minus it [Welch 95%]" for m in ("ppo_selected", "ppo_best", "ppo")) + " |",
               "|---" * 7 + "|"]
