@@ -1,0 +1,120 @@
+"""One-off: PPO on ResNet-56 with a learning rate falling linearly from 1e-3 to 1e-4 (`final_learning_rate=1e-4`)
+against the constant 1e-3 of the preset, same seeds, both with `select_every=20` (issue 13, docs/reports/agents.md
+"A falling learning rate on ResNet-56"). From the repository root, after the runs and their benchmarks:
+
+    python docs/agents/ppo-r56-lrdecay-2026-12-07/summarize.py [BUDGET]      # 0.3 (default)
+
+Reads results/lrd-r56-bench-b<B>-s<S>/results.csv and results/lrd-r56-b<B>-s<S>/selection.csv (falling rate) and
+the same files of results/sel-r56-... (constant rate, section "Choosing the final policy on ResNet-56"), and the
+random searches' rows from docs/agents/ppo-r18-select-2026-12-07/r56-b<B>/results.csv; writes summary.md,
+results.csv, checks.png and each falling-rate run's logs next to this file (b<B>/)."""
+import csv
+import glob
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from scipy import stats as st
+
+from baselines.experiments.stats import estimate
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+budget = sys.argv[1] if len(sys.argv) > 1 else "0.3"
+here = Path(__file__).parent / f"b{budget}"
+here.mkdir(exist_ok=True)
+arms = {"falling": "lrd", "constant": "sel"}
+
+
+def bench(arm: str) -> dict[int, dict[str, float]]:
+    """seed -> {method: test accuracy before fine-tuning} for one arm's benchmark replays."""
+    out: dict[int, dict[str, float]] = {}
+    for f in sorted(glob.glob(f"results/{arms[arm]}-r56-bench-b{budget}-s*/results.csv")):
+        for r in csv.DictReader(open(f)):
+            if r["status"] == "ok" and r["method"].startswith("ppo"):
+                out.setdefault(int(r["seed"]), {})[r["method"]] = float(r["test_acc_before_ft"])
+    return out
+
+
+def checks(arm: str, seed: int) -> list[float]:
+    rows = csv.DictReader(open(f"results/{arms[arm]}-r56-b{budget}-s{seed}/selection.csv"))
+    return [float(r["reward"]) for r in rows]
+
+
+res = {arm: bench(arm) for arm in arms}
+seeds = sorted(set(res["falling"]) & set(res["constant"]))
+rows = [dict(r, arm="falling") for f in sorted(glob.glob(f"results/lrd-r56-bench-b{budget}-s*/results.csv"))
+        for r in csv.DictReader(open(f)) if r["status"] == "ok"]
+with open(here / "results.csv", "w", newline="") as fh:
+    w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+searches: dict[str, list[float]] = {}
+for r in csv.DictReader(open(f"docs/agents/ppo-r18-select-2026-12-07/r56-b{budget}/results.csv")):
+    if r["method"].startswith("random_search"):
+        name = "random_search_anchored" if r["method"].startswith("random_search_anchored") else "random_search"
+        searches.setdefault(name, []).append(float(r["test_acc_before_ft"]))
+
+
+def ci(v) -> str:
+    e = estimate(list(v))
+    return f"{e.mean:.4f} [{e.low:.4f}, {e.high:.4f}]"
+
+
+def paired(a, b) -> str:
+    c = st.ttest_rel(a, b).confidence_interval(0.95)
+    return f"{100 * (np.mean(a) - np.mean(b)):+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
+
+
+def welch(a, b) -> str:
+    c = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return f"{100 * (np.mean(a) - np.mean(b)):+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
+
+
+lines = [f"Seeds: {', '.join(map(str, seeds))}. Test accuracy before fine-tuning; falling minus constant is paired "
+         "by seed (t 95%); minus a search is Welch's 95%.", "",
+         "| policy | falling rate, per seed | **falling, mean [95% t]** | constant, per seed | constant, mean [95% t] "
+         "| falling minus constant [paired 95%] | falling minus random_search | falling minus "
+         "random_search_anchored |", "|---" * 8 + "|"]
+for m, label in (("ppo_selected", "selected"), ("ppo", "last"), ("ppo_best", "best of 280")):
+    a = [res["falling"][s][m] for s in seeds]
+    b = [res["constant"][s][m] for s in seeds]
+    lines.append(f"| {label} (`{m}`) | {', '.join(f'{x:.4f}' for x in a)} | {ci(a)} | "
+                 f"{', '.join(f'{x:.4f}' for x in b)} | {ci(b)} | {paired(a, b)} | "
+                 f"{welch(a, searches['random_search'])} | {welch(a, searches['random_search_anchored'])} |")
+for name, v in searches.items():
+    lines.append(f"| `{name}` ({len(v)} seeds, earlier section) | | | | {ci(v)} | | | |")
+
+# how much the deterministic policy moves between checks, over the second half of the run
+lines += ["", "| run | checks' rewards | mean abs. change between checks, 2nd half | lowest check, 2nd half | "
+          "last check |", "|---" * 5 + "|"]
+fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+stab = {arm: [] for arm in arms}
+for ax, arm in zip(axes, arms):
+    for s in seeds:
+        c = checks(arm, s)
+        half = c[len(c) // 2:]
+        stab[arm].append((np.mean(np.abs(np.diff(half))), min(half), c[-1]))
+        lines.append(f"| {arms[arm]}-b{budget}-s{s} ({arm}) | {', '.join(f'{x:.3f}' for x in c)} | "
+                     f"{stab[arm][-1][0]:.3f} | {min(half):.3f} | {c[-1]:.3f} |")
+        ax.plot(20 * np.arange(1, len(c) + 1), c, "o-", ms=3, label=f"seed {s}")
+    ax.set_title(f"{arm} learning rate, ResNet-56, budget {budget}")
+    ax.set_xlabel("training episode")
+    ax.legend(fontsize=7)
+axes[0].set_ylabel("deterministic policy, reward-split accuracy")
+fig.tight_layout()
+fig.savefig(here / "checks.png", dpi=110)
+for i, what in enumerate(("mean abs. change between checks, 2nd half", "lowest check, 2nd half", "last check")):
+    a = [x[i] for x in stab["falling"]]
+    b = [x[i] for x in stab["constant"]]
+    lines.append(f"| **{what}**: falling minus constant, points [paired 95%] | {paired(a, b)} | | | |")
+for s in seeds:
+    dest = here / f"lrd-b{budget}-s{s}"
+    dest.mkdir(exist_ok=True)
+    for name in ("episodes.csv", "selection.csv", "selected.json", "best.json", "config.yaml"):
+        shutil.copy(Path(f"results/lrd-r56-b{budget}-s{s}") / name, dest / name)
+(here / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
