@@ -83,7 +83,8 @@ for m in [m for m in order if m in by]:
                  f"{', '.join(f'{r:.4f}' for _, r, _, _ in v)} | {', '.join(f'{t:.4f}' for _, _, t, _ in v)} | "
                  f"{e.mean:.4f}" + (f" [{e.low:.4f}, {e.high:.4f}]" if len(v) > 1 else "") + " | "
                  + (compare(e, est['random_search (earlier)']) if m != "random_search (earlier)" else "") + " | "
-                 + (welch(tests[m], rs) if many else "") + " | " + (welch(tests[m], rsa) if many else "") + " |")
+                 + (welch(tests[m], rs) if many else "") + " | "
+                 + (welch(tests[m], rsa) if many and len(rsa) > 1 else "") + " |")
 matched = {k: tests[f"random_search_anchored ({k})"] for k in ("earlier", "here")
            if f"random_search_anchored ({k})" in tests}
 if "here" in matched:  # the matched search over every seed, both machines, against PPO's rows
