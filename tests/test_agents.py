@@ -525,8 +525,8 @@ def test_exploration_decay_caps_ppos_std_down_to_final_std(monkeypatch, tmp_path
 
 
 def test_final_learning_rate_falls_linearly_over_the_run(tmp_path):
-    """final_learning_rate: each PPO update runs at a rate between learning_rate and the final one, falling
-    from one update to the next; the run records both; a non-number is refused by name."""
+    """final_learning_rate: the schedule falls linearly from learning_rate to the final rate, the run's last
+    update runs near the final rate, the run records both, and a non-number is refused by name."""
     kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
     run = train("ppo", ENV_ID, kwargs, episodes=12, seed=0, out=tmp_path, progress=False, tensorboard=False,
                 n_steps_episodes=2, learning_rate=1e-3, final_learning_rate=1e-4)
