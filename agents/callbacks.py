@@ -33,6 +33,15 @@ BEST_KEYS = ("accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops
              "budget_excess", "keep_ratios", "runtime_ratios", "kept_counts", "requested_ratios", "clamp_total")
 
 
+def episode_return(info: dict[str, Any], step_reward: float) -> float:
+    """The return of the episode that ended with this step's ``info``: exact when the env is wrapped in
+    :class:`agents.common.EpisodeReturnInfo`, else Monitor's (rounded), else the vec env's float32 step reward
+    (every reward arrives at the last step)."""
+    if "episode_return" in info:
+        return float(info["episode_return"])
+    return float(info["episode"]["r"]) if "episode" in info else float(step_reward)
+
+
 class EpisodeRecorder(BaseCallback):
     """Record finished episodes; keep the best one in ``best.json``; stop after ``max_episodes``.
 
@@ -99,11 +108,7 @@ class EpisodeRecorder(BaseCallback):
             info = infos[i]
             if "accuracy" not in info:  # not a ChannelPruneEnv episode end (should not happen)
                 continue
-            if "episode_return" in info:  # exact (agents.common.EpisodeReturnInfo)
-                reward = float(info["episode_return"])
-            else:  # Monitor's (rounded) return, else the vec env's float32 step reward
-                reward = float(info["episode"]["r"]) if "episode" in info else float(rewards[i])
-            self._record(int(i), reward, info)
+            self._record(int(i), episode_return(info, float(rewards[i])), info)
             if self.max_episodes is not None and self._bar is not None:
                 self._bar.update(1)
         return self.max_episodes is None or self.episodes < self.max_episodes

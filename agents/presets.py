@@ -25,11 +25,12 @@ from .bounded_policy import BetaMlpPolicy, BoundedMlpPolicy
 from .episode_reward import EpisodeRewardReplayBuffer
 from .noise import TruncatedNormalActionNoise
 from .relative_actions import check_actions
+from .self_imitation import check_self_imitation
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 EXTRA_KEYS = {
     "on": ("policy", "actions", "n_steps_episodes", "episode_reward", "baseline_alpha", "final_std",
-           "select_every", "final_learning_rate"),
+           "select_every", "final_learning_rate", "self_imitation"),
     "off": ("policy", "actions", "warmup_episodes", "noise", "episode_reward", "baseline_alpha", "select_every",
             "final_learning_rate"),
 }
@@ -113,6 +114,7 @@ class Resolved:
     baseline_alpha: float = 0.5
     final_std: float | None = None  # on-policy: the std cap at the run's end (callbacks.ExplorationDecay)
     select_every: int | None = None  # training episodes between policy checks (callbacks.PolicySelection)
+    self_imitation: dict[str, Any] | None = None  # on-policy: SIL's settings (self_imitation.SelfImitation)
     record: dict[str, Any] = field(default_factory=dict)  # yaml-safe view of the resolved hyperparameters
 
 
@@ -136,6 +138,11 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
                                      or select_every < 1):
         raise ValueError(f"select_every={select_every!r} must be a positive integer (training episodes per "
                          "check of the deterministic policy) or null (no checks)")
+    self_imitation = hp.pop("self_imitation", None)
+    if self_imitation is not None and self_imitation is not False:
+        self_imitation = check_self_imitation(self_imitation)
+    else:
+        self_imitation = None
     final_lr = hp.pop("final_learning_rate", None)
     if final_lr is not None:
         start = hp.get("learning_rate", _default_of(algo, "learning_rate"))
@@ -197,11 +204,13 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
     skip = ("action_noise", "policy") + (("learning_rate",) if final_lr is not None else ())  # recorded above
     record.update({k: v for k, v in hp.items() if k not in skip})
     record["episode_reward"], record["baseline_alpha"], record["actions"] = episode_reward, alpha, actions
-    for key, value in (("final_std", final_std), ("select_every", select_every)):
+    for key, value in (("final_std", final_std), ("select_every", select_every),
+                       ("self_imitation", self_imitation)):
         if value is not None:
             record[key] = value
     return Resolved(kwargs=hp, actions=actions, episode_reward=episode_reward, baseline_alpha=alpha,
-                    final_std=final_std, select_every=select_every, record=record)
+                    final_std=final_std, select_every=select_every, self_imitation=self_imitation,
+                    record=record)
 
 
 def make_noise(spec: dict[str, Any], action_dim: int, episode_len: int, n_envs: int, learning_starts: int):

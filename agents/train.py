@@ -16,7 +16,9 @@ Hyperparameters come from ``agents/presets.yaml`` (``default`` block, overridden
 * ``tb/``: TensorBoard logs (SB3's training scalars and per-episode reward / accuracy / FLOPs);
 * with the hyperparameter ``select_every=K``: ``selected.zip``, ``selected.json`` and ``selection.csv``, the
   deterministic policy checked every K episodes on the whole reward split and the best snapshot kept
-  (:class:`agents.callbacks.PolicySelection`); each check is one more reward-split evaluation.
+  (:class:`agents.callbacks.PolicySelection`); each check is one more reward-split evaluation;
+* with ``self_imitation`` (PPO, A2C): the policy also learns from the run's best episodes between updates
+  (:class:`agents.self_imitation.SelfImitation`, Oh et al. 2018); no extra evaluation.
 
 Env kwargs that cannot be written to JSON (a ``DatasetSplits``, an ``nn.Module``) are used but not recorded;
 ``best.json`` and ``config.yaml`` list them with their type under ``env_kwargs_skipped``.
@@ -66,6 +68,7 @@ from .common import (
 )
 from .presets import check_keys, get_preset, load_presets, resolve
 from .relative_actions import actions_of_config, check_actions
+from .self_imitation import SelfImitation
 
 DEFAULT_EPISODES = 100
 
@@ -185,6 +188,8 @@ def train(
             callbacks = [recorder]
             if res.final_std is not None:
                 callbacks.append(ExplorationDecay(res.final_std, total))
+            if res.self_imitation is not None:
+                callbacks.append(SelfImitation(**res.self_imitation, seed=seed))
             if res.select_every is not None:
                 selection_env = make_selection_env(vec_env, env_id, env_kwargs, actions)
                 selector = PolicySelection(selection_env, run_dir, meta, res.select_every, n_groups, n_envs)

@@ -540,6 +540,53 @@ def test_final_learning_rate_falls_linearly_over_the_run(tmp_path):
         resolve("ppo", {**get_preset("ppo", ENV_ID), "final_learning_rate": "low"}, 12, 1, 1)
 
 
+def test_self_imitation_pulls_the_policy_towards_episodes_that_beat_the_critic(tmp_path):
+    """self_imitation (SIL, Oh et al. 2018): the buffer keeps the top_k fully scored returns; SIL steps raise the
+    log-probability of kept actions whose return beats V(s) and move the deterministic action towards them;
+    returns below V(s) change nothing. A run with it records its settings; bad settings are refused by name."""
+    from agents.self_imitation import SelfImitation
+
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
+    run = train("ppo", ENV_ID, kwargs, episodes=8, seed=0, out=tmp_path, progress=False, tensorboard=False,
+                n_steps_episodes=2, self_imitation={"top_k": 2})
+    hp = yaml.safe_load((run / "config.yaml").read_text())["hyperparams"]
+    assert hp["self_imitation"] == {"top_k": 2, "steps": 4, "batch_size": 64, "value_coef": 0.01}
+
+    model = ALGOS["ppo"].load(run / "model.zip", device="cpu")
+    model.set_logger(Logger(None, []))
+    sil = SelfImitation(top_k=2, steps=20, batch_size=8, seed=0)
+    sil.init_callback(model)
+    sil._on_training_start()
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-1, 1, (5, *model.observation_space.shape)).astype(np.float32)
+    target = np.full((5, *model.action_space.shape), 0.8, dtype=np.float32)
+    for ret in (0.1, 5.0, 0.2, 4.0, 0.3):  # far above any value the critic has learned
+        sil._keep(ret, obs, target)
+    assert sorted(e[0] for e in sil.elites) == [4.0, 5.0]
+    before_mean = model.policy.predict(obs, deterministic=True)[0]
+    obs_t, act_t = torch.as_tensor(obs), torch.as_tensor(target)
+    with torch.no_grad():
+        before_lp = model.policy.evaluate_actions(obs_t, act_t)[1].mean()
+    sil.update()
+    with torch.no_grad():
+        after_lp = model.policy.evaluate_actions(obs_t, act_t)[1].mean()
+    after_mean = model.policy.predict(obs, deterministic=True)[0]
+    assert after_lp > before_lp
+    assert np.abs(after_mean - 0.8).mean() < np.abs(before_mean - 0.8).mean()
+
+    low = SelfImitation(top_k=2, steps=5, batch_size=8, seed=0)  # returns far below V(s): no gradient at all
+    low.init_callback(model)
+    low._on_training_start()
+    low._keep(-100.0, obs, target)
+    weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    low.update()
+    assert all(torch.equal(weights[k], v) for k, v in model.policy.state_dict().items())
+    with pytest.raises(ValueError, match="self_imitation.top_k=0"):
+        resolve("ppo", {**get_preset("ppo", ENV_ID), "self_imitation": {"top_k": 0}}, 12, 1, 1)
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        resolve("ddpg", {**get_preset("ddpg", ENV_ID), "self_imitation": True}, 12, 1, 1)
+
+
 def test_init_from_starts_a_run_from_another_models_policy(small_kwargs, tmp_path):
     """A policy trained on one model starts a run on another (same observation length): before any update the
     new run's policy is the source's; a run of another algo or without model.zip is refused by name."""

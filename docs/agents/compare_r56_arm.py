@@ -1,13 +1,15 @@
-"""One-off: PPO on ResNet-56 with a learning rate falling linearly from 1e-3 to 1e-4 (`final_learning_rate=1e-4`)
-against the constant 1e-3 of the preset, same seeds, both with `select_every=20` (issue 13, docs/reports/agents.md
-"A falling learning rate on ResNet-56"). From the repository root, after the runs and their benchmarks:
+"""PPO on ResNet-56 with one change to the preset (an "arm") against the preset itself, same seeds, both with
+`select_every=20` (issue 13, docs/reports/agents.md): "A falling learning rate on ResNet-56" (arm `lrd`,
+`final_learning_rate=1e-4`) and "Self-imitation on ResNet-56" (arm `sil`, `self_imitation=true`). From the
+repository root, after the runs and their benchmarks:
 
-    python docs/agents/ppo-r56-lrdecay-2026-12-07/summarize.py [BUDGET]      # 0.3 (default)
+    python docs/agents/compare_r56_arm.py lrd 0.3 docs/agents/ppo-r56-lrdecay-2026-12-07
+    python docs/agents/compare_r56_arm.py sil 0.3 docs/agents/ppo-r56-sil-2026-12-07
 
-Reads results/lrd-r56-bench-b<B>-s<S>/results.csv and results/lrd-r56-b<B>-s<S>/selection.csv (falling rate) and
-the same files of results/sel-r56-... (constant rate, section "Choosing the final policy on ResNet-56"), and the
+Reads results/<ARM>-r56-bench-b<B>-s<S>/results.csv and results/<ARM>-r56-b<B>-s<S>/selection.csv (the arm) and
+the same files of results/sel-r56-... (the preset, section "Choosing the final policy on ResNet-56"), and the
 random searches' rows from docs/agents/ppo-r18-select-2026-12-07/r56-b<B>/results.csv; writes summary.md,
-results.csv, checks.png and each falling-rate run's logs next to this file (b<B>/)."""
+results.csv, checks.png and each arm run's logs into OUT/b<B>/."""
 import csv
 import glob
 import shutil
@@ -23,10 +25,14 @@ from baselines.experiments.stats import estimate
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-budget = sys.argv[1] if len(sys.argv) > 1 else "0.3"
-here = Path(__file__).parent / f"b{budget}"
-here.mkdir(exist_ok=True)
-arms = {"falling": "lrd", "constant": "sel"}
+ARMS = {"lrd": "falling", "sil": "self-imitation"}  # run prefix -> the arm's name in the tables
+if len(sys.argv) != 4 or sys.argv[1] not in ARMS:
+    sys.exit(f"usage: compare_r56_arm.py ARM BUDGET OUT   (ARM: {', '.join(ARMS)})")
+prefix, budget = sys.argv[1], sys.argv[2]
+arm_name = ARMS[prefix]
+here = Path(sys.argv[3]) / f"b{budget}"
+here.mkdir(parents=True, exist_ok=True)
+arms = {arm_name: prefix, "preset": "sel"}
 
 
 def bench(arm: str) -> dict[int, dict[str, float]]:
@@ -45,8 +51,8 @@ def checks(arm: str, seed: int) -> list[float]:
 
 
 res = {arm: bench(arm) for arm in arms}
-seeds = sorted(set(res["falling"]) & set(res["constant"]))
-rows = [dict(r, arm="falling") for f in sorted(glob.glob(f"results/lrd-r56-bench-b{budget}-s*/results.csv"))
+seeds = sorted(set(res[arm_name]) & set(res["preset"]))
+rows = [dict(r, arm=arm_name) for f in sorted(glob.glob(f"results/{prefix}-r56-bench-b{budget}-s*/results.csv"))
         for r in csv.DictReader(open(f)) if r["status"] == "ok"]
 with open(here / "results.csv", "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()), extrasaction="ignore")
@@ -74,14 +80,15 @@ def welch(a, b) -> str:
     return f"{100 * (np.mean(a) - np.mean(b)):+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
 
 
-lines = [f"Seeds: {', '.join(map(str, seeds))}. Test accuracy before fine-tuning; falling minus constant is paired "
-         "by seed (t 95%); minus a search is Welch's 95%.", "",
-         "| policy | falling rate, per seed | **falling, mean [95% t]** | constant, per seed | constant, mean [95% t] "
-         "| falling minus constant [paired 95%] | falling minus random_search | falling minus "
+A = arm_name
+lines = [f"Seeds: {', '.join(map(str, seeds))}. Test accuracy before fine-tuning; {A} minus preset is paired by "
+         "seed (t 95%); minus a search is Welch's 95%.", "",
+         f"| policy | {A}, per seed | **{A}, mean [95% t]** | preset, per seed | preset, mean [95% t] "
+         f"| {A} minus preset [paired 95%] | {A} minus random_search | {A} minus "
          "random_search_anchored |", "|---" * 8 + "|"]
 for m, label in (("ppo_selected", "selected"), ("ppo", "last"), ("ppo_best", "best of 280")):
-    a = [res["falling"][s][m] for s in seeds]
-    b = [res["constant"][s][m] for s in seeds]
+    a = [res[arm_name][s][m] for s in seeds]
+    b = [res["preset"][s][m] for s in seeds]
     lines.append(f"| {label} (`{m}`) | {', '.join(f'{x:.4f}' for x in a)} | {ci(a)} | "
                  f"{', '.join(f'{x:.4f}' for x in b)} | {ci(b)} | {paired(a, b)} | "
                  f"{welch(a, searches['random_search'])} | {welch(a, searches['random_search_anchored'])} |")
@@ -101,20 +108,20 @@ for ax, arm in zip(axes, arms):
         lines.append(f"| {arms[arm]}-b{budget}-s{s} ({arm}) | {', '.join(f'{x:.3f}' for x in c)} | "
                      f"{stab[arm][-1][0]:.3f} | {min(half):.3f} | {c[-1]:.3f} |")
         ax.plot(20 * np.arange(1, len(c) + 1), c, "o-", ms=3, label=f"seed {s}")
-    ax.set_title(f"{arm} learning rate, ResNet-56, budget {budget}")
+    ax.set_title(f"{arm}, ResNet-56, budget {budget}")
     ax.set_xlabel("training episode")
     ax.legend(fontsize=7)
 axes[0].set_ylabel("deterministic policy, reward-split accuracy")
 fig.tight_layout()
 fig.savefig(here / "checks.png", dpi=110)
 for i, what in enumerate(("mean abs. change between checks, 2nd half", "lowest check, 2nd half", "last check")):
-    a = [x[i] for x in stab["falling"]]
-    b = [x[i] for x in stab["constant"]]
-    lines.append(f"| **{what}**: falling minus constant, points [paired 95%] | {paired(a, b)} | | | |")
+    a = [x[i] for x in stab[arm_name]]
+    b = [x[i] for x in stab["preset"]]
+    lines.append(f"| **{what}**: {A} minus preset, points [paired 95%] | {paired(a, b)} | | | |")
 for s in seeds:
-    dest = here / f"lrd-b{budget}-s{s}"
+    dest = here / f"{prefix}-b{budget}-s{s}"
     dest.mkdir(exist_ok=True)
     for name in ("episodes.csv", "selection.csv", "selected.json", "best.json", "config.yaml"):
-        shutil.copy(Path(f"results/lrd-r56-b{budget}-s{s}") / name, dest / name)
+        shutil.copy(Path(f"results/{prefix}-r56-b{budget}-s{s}") / name, dest / name)
 (here / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
