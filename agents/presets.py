@@ -141,6 +141,9 @@ def resolve(algo: str, hp: dict[str, Any], episode_len: int, n_envs: int, action
     self_imitation = hp.pop("self_imitation", None)
     if self_imitation is not None and self_imitation is not False:
         self_imitation = check_self_imitation(self_imitation)
+        if episode_reward:  # the critic then learns returns minus a drifting baseline: kept returns go stale
+            raise ValueError("self_imitation needs the env's own rewards; it cannot be combined with "
+                             "episode_reward=True (AMC's moving baseline)")
     else:
         self_imitation = None
     final_lr = hp.pop("final_learning_rate", None)

@@ -75,10 +75,11 @@ class SelfImitation(BaseCallback):
         self.top_k, self.steps, self.batch_size = spec["top_k"], spec["steps"], spec["batch_size"]
         self.value_coef = spec["value_coef"]
         self.rng = np.random.default_rng(seed)
-        self.elites: list[tuple[float, int, np.ndarray, np.ndarray]] = []  # min-heap of (return, order, obs, act)
+        # min-heap of (episode return, order, observations, actions, returns-to-go per step)
+        self.elites: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray]] = []
         self.updates = 0
         self._seen = 0
-        self._open: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # per env: the episode so far
+        self._open: dict[int, tuple[list, list, list]] = {}  # per env: the episode so far (obs, actions, rewards)
         self._optimizer: torch.optim.Optimizer | None = None
 
     def _on_training_start(self) -> None:
@@ -94,19 +95,31 @@ class SelfImitation(BaseCallback):
         infos = self.locals["infos"]
         rewards = np.asarray(self.locals.get("rewards", np.zeros(len(dones))))
         for i in range(len(dones)):
-            episode_obs, episode_actions = self._open.setdefault(i, ([], []))
+            episode_obs, episode_actions, episode_rewards = self._open.setdefault(i, ([], [], []))
             episode_obs.append(obs[i].copy())
             episode_actions.append(actions[i].copy())
+            episode_rewards.append(float(rewards[i]))
             if dones[i]:
                 del self._open[i]
                 if not infos[i].get("screened"):
                     self._keep(episode_return(infos[i], float(rewards[i])), np.stack(episode_obs),
-                               np.stack(episode_actions))
+                               np.stack(episode_actions), self._returns_to_go(episode_rewards))
         return True
 
-    def _keep(self, ret: float, obs: np.ndarray, act: np.ndarray) -> None:
+    def _returns_to_go(self, rewards: list[float]) -> np.ndarray:
+        """The discounted return from each step on, of the rewards the critic learns from (gamma = 1 in the
+        presets: every step's is the episode's accuracy)."""
+        out, running = np.zeros(len(rewards), dtype=np.float32), 0.0
+        for t in range(len(rewards) - 1, -1, -1):
+            running = rewards[t] + self.model.gamma * running
+            out[t] = running
+        return out
+
+    def _keep(self, ret: float, obs: np.ndarray, act: np.ndarray, returns: np.ndarray | None = None) -> None:
+        """Offer an episode (its return ranks it; ``returns``: per step, default ``ret`` at every step)."""
         self._seen += 1
-        item = (ret, self._seen, obs, act)
+        returns = np.full(len(obs), ret, dtype=np.float32) if returns is None else returns
+        item = (ret, self._seen, obs, act, returns)
         if len(self.elites) < self.top_k:
             heapq.heappush(self.elites, item)
         elif ret > self.elites[0][0]:
@@ -121,8 +134,7 @@ class SelfImitation(BaseCallback):
         policy = self.model.policy
         obs = torch.as_tensor(np.concatenate([e[2] for e in self.elites]), device=policy.device)
         act = torch.as_tensor(np.concatenate([e[3] for e in self.elites]), device=policy.device)
-        ret = torch.as_tensor(np.concatenate([np.full(len(e[2]), e[0], dtype=np.float32) for e in self.elites]),
-                              device=policy.device)
+        ret = torch.as_tensor(np.concatenate([e[4] for e in self.elites]), device=policy.device)
         for group in self._optimizer.param_groups:  # follow the policy's (possibly scheduled) learning rate
             group["lr"] = self._learning_rate()
         loss = torch.zeros(())

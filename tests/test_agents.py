@@ -563,6 +563,19 @@ def test_self_imitation_pulls_the_policy_towards_episodes_that_beat_the_critic(t
     for ret in (0.1, 5.0, 0.2, 4.0, 0.3):  # far above any value the critic has learned
         sil._keep(ret, obs, target)
     assert sorted(e[0] for e in sil.elites) == [4.0, 5.0]
+    # what a rollout step hands the callback: two envs, each ending an episode at the second step; env 1's was
+    # stopped at the race's first rung, so only env 0's (return 0.9 at every step, gamma 1) is offered
+    collector = SelfImitation(top_k=4, seed=0)
+    collector.init_callback(model)
+    o2, a2 = torch.zeros(2, *model.observation_space.shape), np.zeros((2, *model.action_space.shape))
+    for done, reward in ((False, 0.0), (True, 0.9)):
+        collector.update_locals({"obs_tensor": o2, "actions": a2, "dones": np.array([done, done]),
+                                 "rewards": np.array([reward, reward], dtype=np.float32),
+                                 "infos": [{"episode_return": reward},
+                                           {"episode_return": reward, "screened": True}]})
+        collector.on_step()
+    assert len(collector.elites) == 1 and collector.elites[0][0] == 0.9
+    assert np.allclose(collector.elites[0][4], [0.9, 0.9]) and collector.elites[0][2].shape[0] == 2
     before_mean = model.policy.predict(obs, deterministic=True)[0]
     obs_t, act_t = torch.as_tensor(obs), torch.as_tensor(target)
     with torch.no_grad():
@@ -585,6 +598,8 @@ def test_self_imitation_pulls_the_policy_towards_episodes_that_beat_the_critic(t
         resolve("ppo", {**get_preset("ppo", ENV_ID), "self_imitation": {"top_k": 0}}, 12, 1, 1)
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         resolve("ddpg", {**get_preset("ddpg", ENV_ID), "self_imitation": True}, 12, 1, 1)
+    with pytest.raises(ValueError, match="episode_reward=True"):
+        resolve("ppo", {**get_preset("ppo", ENV_ID), "self_imitation": True, "episode_reward": True}, 12, 1, 1)
 
 
 def test_init_from_starts_a_run_from_another_models_policy(small_kwargs, tmp_path):
