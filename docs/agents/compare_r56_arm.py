@@ -1,7 +1,7 @@
 """PPO on ResNet-56 with one change to the preset (an "arm") against the preset itself, same seeds, both with
 `select_every=20` (issue 13, docs/reports/agents.md): "A falling learning rate on ResNet-56" (arm `lrd`,
-`final_learning_rate=1e-4`) and "Self-imitation on ResNet-56" (arm `sil`, `self_imitation=true`). From the
-repository root, after the runs and their benchmarks:
+`final_learning_rate=1e-4`) and "Self-imitation on ResNet-56" (arms `sil`, `self_imitation=true`, and `sil1`,
+`self_imitation={steps: 1}`). From the repository root, after the runs and their benchmarks:
 
     python docs/agents/compare_r56_arm.py lrd 0.3 docs/agents/ppo-r56-lrdecay-2026-12-07
     python docs/agents/compare_r56_arm.py sil 0.3 docs/agents/ppo-r56-sil-2026-12-07
@@ -12,6 +12,7 @@ random searches' rows from docs/agents/ppo-r18-select-2026-12-07/r56-b<B>/result
 results.csv, checks.png and each arm run's logs into OUT/b<B>/."""
 import csv
 import glob
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from baselines.experiments.stats import estimate
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ARMS = {"lrd": "falling", "sil": "self-imitation"}  # run prefix -> the arm's name in the tables
+ARMS = {"lrd": "falling", "sil": "self-imitation", "sil1": "self-imitation (1 step)"}  # run prefix -> name
 if len(sys.argv) != 4 or sys.argv[1] not in ARMS:
     sys.exit(f"usage: compare_r56_arm.py ARM BUDGET OUT   (ARM: {', '.join(ARMS)})")
 prefix, budget = sys.argv[1], sys.argv[2]
@@ -43,6 +44,14 @@ def bench(arm: str) -> dict[int, dict[str, float]]:
             if r["status"] == "ok" and r["method"].startswith("ppo"):
                 out.setdefault(int(r["seed"]), {})[r["method"]] = float(r["test_acc_before_ft"])
     return out
+
+
+def final_std(arm: str, seed: int) -> float:
+    """The Gaussian's std at the run's end (how much the policy still explores)."""
+    from stable_baselines3 import PPO
+
+    model = PPO.load(f"results/{arms[arm]}-r56-b{budget}-s{seed}/model.zip", device="cpu")
+    return float(model.policy.log_std.detach().exp().mean())
 
 
 def checks(arm: str, seed: int) -> list[float]:
@@ -97,7 +106,7 @@ for name, v in searches.items():
 
 # how much the deterministic policy moves between checks, over the second half of the run
 lines += ["", "| run | checks' rewards | mean abs. change between checks, 2nd half | lowest check, 2nd half | "
-          "last check |", "|---" * 5 + "|"]
+          "last check | std at the end |", "|---" * 6 + "|"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
 stab = {arm: [] for arm in arms}
 for ax, arm in zip(axes, arms):
@@ -106,7 +115,7 @@ for ax, arm in zip(axes, arms):
         half = c[len(c) // 2:]
         stab[arm].append((np.mean(np.abs(np.diff(half))), min(half), c[-1]))
         lines.append(f"| {arms[arm]}-b{budget}-s{s} ({arm}) | {', '.join(f'{x:.3f}' for x in c)} | "
-                     f"{stab[arm][-1][0]:.3f} | {min(half):.3f} | {c[-1]:.3f} |")
+                     f"{stab[arm][-1][0]:.3f} | {min(half):.3f} | {c[-1]:.3f} | {final_std(arm, s):.3f} |")
         ax.plot(20 * np.arange(1, len(c) + 1), c, "o-", ms=3, label=f"seed {s}")
     ax.set_title(f"{arm}, ResNet-56, budget {budget}")
     ax.set_xlabel("training episode")
@@ -117,7 +126,29 @@ fig.savefig(here / "checks.png", dpi=110)
 for i, what in enumerate(("mean abs. change between checks, 2nd half", "lowest check, 2nd half", "last check")):
     a = [x[i] for x in stab[arm_name]]
     b = [x[i] for x in stab["preset"]]
-    lines.append(f"| **{what}**: {A} minus preset, points [paired 95%] | {paired(a, b)} | | | |")
+    lines.append(f"| **{what}**: {A} minus preset, points [paired 95%] | {paired(a, b)} | | | | |")
+# where the episodes' plans lie: mean |keep ratio - the anchor's| per group (the anchor: uniform_internal's plan)
+anchor_rows = [r for r in csv.DictReader(open(f"docs/agents/ppo-r56-avx512-2026-12-01/anchored-b{budget}/results.csv"))
+               if r["method"] == "uniform_internal"]
+anchor = np.array(json.loads(anchor_rows[0]["keep_ratios"]))
+lines += ["", "| run | plans' distance to the anchor, episodes 1-100 | episodes 181-280 | best plan's distance | "
+          "share of episodes scored in full |", "|---" * 5 + "|"]
+dist = {arm: [] for arm in arms}
+for arm in arms:
+    for s in seeds:
+        rows = list(csv.DictReader(open(f"results/{arms[arm]}-r56-b{budget}-s{s}/episodes.csv")))
+        plans = np.array([json.loads(r["keep_ratios"]) for r in rows])
+        full = np.array([not r["images_scored"] or int(r["images_scored"]) > 500 for r in rows])
+        reward = np.where(full, [float(r["reward"]) for r in rows], -np.inf)
+        d = np.abs(plans - anchor).mean(axis=1)
+        dist[arm].append((d[:100].mean(), d[-100:].mean(), d[np.argmax(reward)], full.mean()))
+        lines.append(f"| {arms[arm]}-b{budget}-s{s} ({arm}) | " + " | ".join(f"{x:.3f}" for x in dist[arm][-1]) + " |")
+for i, what in enumerate(("distance, episodes 1-100", "distance, episodes 181-280")):
+    a = [x[i] for x in dist[arm_name]]
+    b = [x[i] for x in dist["preset"]]
+    lines.append(f"| **{what}**: {A} minus preset [paired 95%] | {np.mean(a) - np.mean(b):+.3f} "
+                 f"[{st.ttest_rel(a, b).confidence_interval(0.95).low:+.3f}, "
+                 f"{st.ttest_rel(a, b).confidence_interval(0.95).high:+.3f}] | | | |")
 for s in seeds:
     dest = here / f"{prefix}-b{budget}-s{s}"
     dest.mkdir(exist_ok=True)
