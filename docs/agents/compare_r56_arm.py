@@ -132,7 +132,8 @@ anchor_rows = [r for r in csv.DictReader(open(f"docs/agents/ppo-r56-avx512-2026-
                if r["method"] == "uniform_internal"]
 anchor = np.array(json.loads(anchor_rows[0]["keep_ratios"]))
 lines += ["", "| run | plans' distance to the anchor, episodes 1-100 | episodes 181-280 | best plan's distance | "
-          "share of episodes scored in full |", "|---" * 5 + "|"]
+          "share of episodes scored in full | last 8 checks at the anchor (every group within 0.125) |",
+          "|---" * 6 + "|"]
 dist = {arm: [] for arm in arms}
 for arm in arms:
     for s in seeds:
@@ -142,13 +143,18 @@ for arm in arms:
         reward = np.where(full, [float(r["reward"]) for r in rows], -np.inf)
         d = np.abs(plans - anchor).mean(axis=1)
         dist[arm].append((d[:100].mean(), d[-100:].mean(), d[np.argmax(reward)], full.mean()))
-        lines.append(f"| {arms[arm]}-b{budget}-s{s} ({arm}) | " + " | ".join(f"{x:.3f}" for x in dist[arm][-1]) + " |")
+        late = [json.loads(r["keep_ratios"]) for r in
+                csv.DictReader(open(f"results/{arms[arm]}-r56-b{budget}-s{s}/selection.csv"))][-8:]
+        # 0.125 = 2 channels of a 16-channel group: the plateaus of "A falling learning rate on ResNet-56"
+        at_anchor = sum(np.abs(np.array(k) - anchor).max() <= 0.125 + 1e-9 for k in late)
+        lines.append(f"| {arms[arm]}-b{budget}-s{s} ({arm}) | " + " | ".join(f"{x:.3f}" for x in dist[arm][-1])
+                     + f" | {at_anchor} of {len(late)} |")
 for i, what in enumerate(("distance, episodes 1-100", "distance, episodes 181-280")):
     a = [x[i] for x in dist[arm_name]]
     b = [x[i] for x in dist["preset"]]
     lines.append(f"| **{what}**: {A} minus preset [paired 95%] | {np.mean(a) - np.mean(b):+.3f} "
                  f"[{st.ttest_rel(a, b).confidence_interval(0.95).low:+.3f}, "
-                 f"{st.ttest_rel(a, b).confidence_interval(0.95).high:+.3f}] | | | |")
+                 f"{st.ttest_rel(a, b).confidence_interval(0.95).high:+.3f}] | | | | |")
 for s in seeds:
     dest = here / f"{prefix}-b{budget}-s{s}"
     dest.mkdir(exist_ok=True)
