@@ -77,7 +77,6 @@ class SelfImitation(BaseCallback):
         self.rng = np.random.default_rng(seed)
         # min-heap of (episode return, order, observations, actions, returns-to-go per step)
         self.elites: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.updates = 0
         self._seen = 0
         self._open: dict[int, tuple[list, list, list]] = {}  # per env: the episode so far (obs, actions, rewards)
         self._optimizer: torch.optim.Optimizer | None = None
@@ -148,7 +147,6 @@ class SelfImitation(BaseCallback):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), getattr(self.model, "max_grad_norm", 0.5))
             self._optimizer.step()
-        self.updates += 1
         self.logger.record("self_imitation/loss", float(loss.detach()))
         self.logger.record("self_imitation/best_return", max(e[0] for e in self.elites))
         return float(loss.detach())

@@ -36,13 +36,18 @@ here.mkdir(parents=True, exist_ok=True)
 arms = {arm_name: prefix, "preset": "sel"}
 
 
-def bench(arm: str) -> dict[int, dict[str, float]]:
-    """seed -> {method: test accuracy before fine-tuning} for one arm's benchmark replays."""
+def bench_rows(arm: str) -> list[dict[str, str]]:
+    """The rows of one arm's benchmark replays that ran."""
+    return [dict(r, arm=arm) for f in sorted(glob.glob(f"results/{arms[arm]}-r56-bench-b{budget}-s*/results.csv"))
+            for r in csv.DictReader(open(f)) if r["status"] == "ok"]
+
+
+def bench(rows: list[dict[str, str]]) -> dict[int, dict[str, float]]:
+    """seed -> {method: test accuracy before fine-tuning} of the PPO rows."""
     out: dict[int, dict[str, float]] = {}
-    for f in sorted(glob.glob(f"results/{arms[arm]}-r56-bench-b{budget}-s*/results.csv")):
-        for r in csv.DictReader(open(f)):
-            if r["status"] == "ok" and r["method"].startswith("ppo"):
-                out.setdefault(int(r["seed"]), {})[r["method"]] = float(r["test_acc_before_ft"])
+    for r in rows:
+        if r["method"].startswith("ppo"):
+            out.setdefault(int(r["seed"]), {})[r["method"]] = float(r["test_acc_before_ft"])
     return out
 
 
@@ -59,10 +64,10 @@ def checks(arm: str, seed: int) -> list[float]:
     return [float(r["reward"]) for r in rows]
 
 
-res = {arm: bench(arm) for arm in arms}
+rows = {arm: bench_rows(arm) for arm in arms}
+res = {arm: bench(rows[arm]) for arm in arms}
 seeds = sorted(set(res[arm_name]) & set(res["preset"]))
-rows = [dict(r, arm=arm_name) for f in sorted(glob.glob(f"results/{prefix}-r56-bench-b{budget}-s*/results.csv"))
-        for r in csv.DictReader(open(f)) if r["status"] == "ok"]
+rows = rows[arm_name]
 with open(here / "results.csv", "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()), extrasaction="ignore")
     w.writeheader()
