@@ -118,10 +118,9 @@ class SelfImitation(BaseCallback):
             out[t] = running
         return out
 
-    def _keep(self, ret: float, obs: np.ndarray, act: np.ndarray, returns: np.ndarray | None = None) -> None:
-        """Offer an episode (its return ranks it; ``returns``: per step, default ``ret`` at every step)."""
+    def _keep(self, ret: float, obs: np.ndarray, act: np.ndarray, returns: np.ndarray) -> None:
+        """Offer an episode: its return ``ret`` ranks it; ``returns`` are its steps' returns-to-go."""
         self._seen += 1
-        returns = np.full(len(obs), ret, dtype=np.float32) if returns is None else returns
         item = (ret, self._seen, obs, act, returns)
         if len(self.elites) < self.top_k:
             heapq.heappush(self.elites, item)

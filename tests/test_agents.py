@@ -561,7 +561,7 @@ def test_self_imitation_pulls_the_policy_towards_episodes_that_beat_the_critic(t
     obs = rng.uniform(-1, 1, (5, *model.observation_space.shape)).astype(np.float32)
     target = np.full((5, *model.action_space.shape), 0.8, dtype=np.float32)
     for ret in (0.1, 5.0, 0.2, 4.0, 0.3):  # far above any value the critic has learned
-        sil._keep(ret, obs, target)
+        sil._keep(ret, obs, target, np.full(5, ret, dtype=np.float32))
     assert sorted(e[0] for e in sil.elites) == [4.0, 5.0]
     # what a rollout step hands the callback: two envs, each ending an episode at the second step; env 1's was
     # stopped at the race's first rung, so only env 0's (return 0.9 at every step, gamma 1) is offered
@@ -590,7 +590,7 @@ def test_self_imitation_pulls_the_policy_towards_episodes_that_beat_the_critic(t
     low = SelfImitation(top_k=2, steps=5, batch_size=8, seed=0)  # returns far below V(s): no gradient at all
     low.init_callback(model)
     low._on_training_start()
-    low._keep(-100.0, obs, target)
+    low._keep(-100.0, obs, target, np.full(5, -100.0, dtype=np.float32))
     weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
     low.update()
     assert all(torch.equal(weights[k], v) for k, v in model.policy.state_dict().items())
