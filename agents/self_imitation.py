@@ -43,7 +43,7 @@ def check_self_imitation(spec: Any) -> dict[str, Any]:
         spec = {}
     if not isinstance(spec, dict):
         raise ValueError(f"self_imitation={spec!r} must be a mapping with keys {', '.join(SIL_KEYS)} (or true "
-                         "for the defaults {top_k: 8, steps: 4, batch_size: 64, value_coef: 0.01}), or null")
+                         f"for the defaults {SIL_KEYS}), or null")
     bad = sorted(set(spec) - set(SIL_KEYS))
     if bad:
         raise ValueError(f"self_imitation: unknown key(s) {bad}; allowed: {', '.join(SIL_KEYS)}")
