@@ -196,8 +196,10 @@ class PolicySelection(EvalCallback):
     episodes": 800 episodes on ResNet-18, best found at episode 81, final policy 12 points below it on test). The
     snapshot whose deterministic plan scores best on the reward split is saved as ``selected.zip``, its plan as
     ``selected.json`` (same fields as ``best.json``), and every check as a row of ``selection.csv``. Each check is
-    one more reward-split evaluation, which the benchmark adds to the run's count. ``eval_env`` should score every
-    plan in full (no ``screen_size``): a raced first-rung score is too noisy to choose by.
+    one more reward-split evaluation, which the benchmark adds to the run's count. With ``screen_size`` the checks
+    are raced like the training episodes (``make_selection_env``): a check whose first-rung score cannot beat the
+    best check is stopped there (``images_scored`` says so) and is never selected, so only whole-split scores are
+    chosen by. A check that may win costs what it did unraced; the others cost BN recalibration and the first rung.
 
     Args:
         eval_env: a one-env VecEnv built like the training env (same actions wrapper), used only here.
@@ -240,6 +242,8 @@ class PolicySelection(EvalCallback):
                "keep_ratios": json.dumps([round(float(r), 4) for r in info.get("keep_ratios", [])])}
         with open(self.run_dir / SELECTION_FILE, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=SELECTION_FIELDS).writerow(row)
+        if info.get("screened"):  # a first-rung score is too noisy to choose by, and cannot win the race anyway
+            return
         if self.selected is None or reward > self.selected["reward"]:  # ties keep the earlier snapshot
             self.model.save(self.run_dir / SELECTED_MODEL_FILE)
             self.selected = {**self.meta, "check": self.checks, "episodes": episodes, "reward": reward,

@@ -192,14 +192,15 @@ def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, basel
 
 
 def make_selection_env(vec_env, env_id: str, env_kwargs: dict[str, Any], actions: str = "absolute"):
-    """A one-env DummyVecEnv like the training env, but scoring every plan on the whole reward split (no
-    ``screen_size``), for :class:`agents.callbacks.PolicySelection`. It shares the training env's problem when that
-    env lives in this process (no second build), else it is built from ``env_id`` and ``env_kwargs``."""
+    """A one-env DummyVecEnv like the training env, for :class:`agents.callbacks.PolicySelection`. With
+    ``screen_size`` it races the checks as its own search (a fresh ``envs.screening.Screen``: a check is scored in
+    full only when it may beat the best check so far). It shares the training env's problem when that env lives
+    in this process (no second build), else it is built from ``env_id`` and ``env_kwargs``."""
     from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     local = getattr(vec_env, "envs", None)
     if local:
-        full = local[0].unwrapped.derive(screen_size=None)
-        return DummyVecEnv([lambda: Monitor(EpisodeReturnInfo(wrap_actions(full, actions)))])
-    return DummyVecEnv([EnvFactory(env_id, {**env_kwargs, "screen_size": None}, False, None, actions)])
+        checks = local[0].unwrapped.derive()  # same settings, its own race
+        return DummyVecEnv([lambda: Monitor(EpisodeReturnInfo(wrap_actions(checks, actions)))])
+    return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, None, actions)])

@@ -15,7 +15,8 @@ Hyperparameters come from ``agents/presets.yaml`` (``default`` block, overridden
 * ``episodes.csv``: one row per episode (episode, reward, accuracy, flops_ratio, ...) for reward curves;
 * ``tb/``: TensorBoard logs (SB3's training scalars and per-episode reward / accuracy / FLOPs);
 * with the hyperparameter ``select_every=K``: ``selected.zip``, ``selected.json`` and ``selection.csv``, the
-  deterministic policy checked every K episodes on the whole reward split and the best snapshot kept
+  deterministic policy checked every K episodes on the reward split (raced like the episodes with
+  ``screen_size``; only whole-split scores are chosen by) and the best snapshot kept
   (:class:`agents.callbacks.PolicySelection`); each check is one more reward-split evaluation;
 * with ``self_imitation`` (PPO, A2C): the policy also learns from the run's best episodes between updates
   (:class:`agents.self_imitation.SelfImitation`, Oh et al. 2018); no extra evaluation.
