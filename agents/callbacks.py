@@ -1,5 +1,6 @@
 """Training callbacks: per-episode log (CSV + TensorBoard), the best episode as ``best.json``, progress, stopping;
-a falling cap on an on-policy Gaussian's exploration (:class:`ExplorationDecay`); and the choice of the policy a
+a falling cap on an on-policy Gaussian's exploration (:class:`ExplorationDecay`); one race of the reward
+split for several training envs (:class:`SharedRace`); and the choice of the policy a
 run ends with, on the reward split (:class:`PolicySelection`).
 
 The env reports an episode's result in the ``info`` of its last step (accuracy, FLOPs / params / effective-FLOPs
@@ -185,6 +186,25 @@ class ExplorationDecay(BaseCallback):
             self.model.policy.log_std.clamp_(max=self.cap())
 
     def _on_step(self) -> bool:
+        return True
+
+
+class SharedRace(BaseCallback):
+    """One race for all the training envs of a run: each env races the reward split (``screen_size``) against
+    the best plan it has scored in full, so with ``--n-envs K`` there were K races, each with a lower bar than
+    the run's best, and more plans scored in full than one env would score. After each step, the best
+    whole-split accuracy of any env goes to every env (``ChannelPruneEnv.share_race_best``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.best = -math.inf
+
+    def _on_step(self) -> bool:
+        full = [info["accuracy"] for info in self.locals["infos"]
+                if "accuracy" in info and info.get("screened") is False]
+        if full and max(full) > self.best:
+            self.best = max(full)
+            self.training_env.env_method("share_race_best", self.best)
         return True
 
 

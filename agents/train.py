@@ -49,7 +49,7 @@ from stable_baselines3.common.logger import HumanOutputFormat, Logger
 from envs.cli import parse_key_values
 
 from .algos import ALGOS, ON_POLICY
-from .callbacks import EpisodeRecorder, ExplorationDecay, PolicySelection
+from .callbacks import EpisodeRecorder, ExplorationDecay, PolicySelection, SharedRace
 from .common import (
     BEST_FILE,
     CONFIG_FILE,
@@ -186,7 +186,7 @@ def train(
         t0 = time.perf_counter()
         status = "finished"
         try:
-            callbacks = [recorder]
+            callbacks = [recorder] + ([SharedRace()] if n_envs > 1 else [])
             if res.final_std is not None:
                 callbacks.append(ExplorationDecay(res.final_std, total))
             if res.self_imitation is not None:

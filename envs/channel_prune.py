@@ -190,6 +190,12 @@ class ChannelPruneEnv(gym.Env):
         """Kept channel indices per group for counts ``kept`` (default: this episode's)."""
         return self.problem.kept_channels(self._kept if kept is None else kept)
 
+    def share_race_best(self, accuracy: float) -> None:
+        """Another env of the same search (``--n-envs``) scored a plan in full at ``accuracy``: this env's race
+        (``screen_size``) then stops plans that cannot beat it, as one env's race would. No-op without a race."""
+        if self.screen is not None:
+            self.screen.record(float(accuracy))
+
     def even_keep_ratio(self) -> float:
         """The keep ratio that, given to this step's group and every later one, spends the budget with the earlier
         groups as decided (``CostModel.even_ratio``): what a uniform allocation of what is left would ask for."""

@@ -278,6 +278,37 @@ def test_policy_selection_keeps_the_snapshot_whose_deterministic_plan_scored_bes
         resolve("ppo", {**get_preset("ppo", ENV_ID), "select_every": 0}, 12, 1, 1)
 
 
+def test_shared_race_gives_every_env_the_runs_best_whole_split_score(small_kwargs):
+    """--n-envs K: the envs of one run race against one bar, the best whole-split accuracy any of them scored, so
+    an env stops plans that only beat its own best (SharedRace; one env's race is envs.screening's)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.callbacks import SharedRace
+
+    seen = []  # (env, accuracy, screened) of every episode
+
+    class Logged(gym.Wrapper):
+        def step(self, action):
+            out = super().step(action)
+            if out[2]:
+                seen.append((self.index, out[4]["accuracy"], out[4]["screened"]))
+            return out
+
+    envs_ = [Logged(gym.make(ENV_ID, **{**small_kwargs, "screen_size": 50})) for _ in range(2)]
+    for i, env in enumerate(envs_):
+        env.index = i
+    vec = DummyVecEnv([lambda e=e: e for e in envs_])
+    model = PPO("MlpPolicy", vec, n_steps=12, batch_size=12, seed=0, device="cpu")
+    model.learn(total_timesteps=6 * 12 * 2, callback=SharedRace())
+    full = [(i, acc) for i, acc, screened in seen if not screened]
+    assert {i for i, _ in full} == {0, 1}  # each env scored plans in full, so each had a bar of its own
+    best = max(acc for _, acc in full)
+    assert [e.unwrapped.screen.best for e in envs_] == [best, best]
+    own = [max(acc for i, acc in full if i == k) for k in (0, 1)]
+    assert min(own) < best  # without sharing, one env would race against a lower bar than the run's best
+
+
 def test_best_policy_runtime_mode_maps_both_ratios():
     policy = BestPolicy([1.0, 0.55, 0.1], min_keep=0.1, runtime_ratios=[1.0, 0.5, 1.0], mode="runtime")
     a = policy.predict(np.array([0.5] + [0.0] * 22, dtype=np.float32))[0]  # step 1 of 3

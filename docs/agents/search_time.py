@@ -1,0 +1,60 @@
+"""Where a training run's wall time went (issue 13, item 3: 800 episodes on ResNet-18 within 60 minutes on 2 CPU
+cores; docs/reports/agents.md, "Search time on the AVX2 CPU"). From the repository root:
+
+    python docs/agents/search_time.py RUN [RUN ...]
+
+For each run directory of `agents.train`: its training seconds and episodes per minute (config.yaml), a table
+by blocks of episodes (mean and best reward, episodes scored in full, wall seconds per episode) from
+episodes.csv, and its policy checks (selection.csv: how many were scored in full, the selected one)."""
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+BLOCKS = [(1, 100), (101, 200), (201, 400), (401, 600), (601, 800)]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summarize(run: Path) -> None:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    rows = read_csv(run / "episodes.csv")
+    full = max(int(r["images_scored"]) for r in rows)
+    seconds = float(config["train_seconds"])
+    print(f"## {run}\n")
+    print(f"{config['env_id']}, budget {config['env_kwargs'].get('budget')}, n_envs {config['n_envs']}, seed "
+          f"{config['seed']}: {len(rows)} episodes + {config.get('selection_checks', 0)} checks in {seconds:.0f} s "
+          f"({seconds / 60:.1f} min, {60 * len(rows) / seconds:.1f} episodes per minute); "
+          f"{sum(int(r['images_scored']) == full for r in rows)} episodes scored in full\n")
+    print("| episodes | mean reward | best reward | scored in full | seconds per episode |\n|---|---|---|---|---|")
+    before = 0.0
+    for lo, hi in BLOCKS:
+        block = [r for r in rows if lo <= int(r["episode"]) <= hi]
+        if not block:
+            break
+        reward = np.array([float(r["reward"]) for r in block])
+        end = max(float(r["seconds"]) for r in block)  # wall clock at the block's last episode (checks included)
+        print(f"| {lo}-{hi} | {reward.mean():.4f} | {reward.max():.4f} | "
+              f"{sum(int(r['images_scored']) == full for r in block)} | {(end - before) / len(block):.2f} |")
+        before = end
+    best = max(rows, key=lambda r: float(r["reward"]))
+    print(f"\nbest reward {float(best['reward']):.4f} at episode {best['episode']}")
+    if (run / "selection.csv").exists():
+        checks = read_csv(run / "selection.csv")
+        scored = [int(c["images_scored"]) == full for c in checks]
+        chosen = max((c for c, s in zip(checks, scored) if s), key=lambda c: float(c["reward"]))
+        print(f"checks: {len(checks)}, {sum(scored)} scored in full; selected check {chosen['check']} (after "
+              f"{chosen['episodes']} episodes), reward {float(chosen['reward']):.4f}")
+    print()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: search_time.py RUN [RUN ...]")
+    for arg in sys.argv[1:]:
+        summarize(Path(arg))
