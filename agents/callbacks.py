@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,11 @@ class PolicySelection(EvalCallback):
         self.run_dir, self.meta, self.episode_len = Path(run_dir), dict(meta), int(episode_len)
         self.checks = 0
         self.selected: dict[str, Any] | None = None
+
+    def _init_callback(self) -> None:
+        with warnings.catch_warnings():  # by design one local env checks what K worker envs (--n-envs) train on
+            warnings.filterwarnings("ignore", "Training and eval env are not of the same type")
+            super()._init_callback()
 
     def _on_training_start(self) -> None:
         with open(self.run_dir / SELECTION_FILE, "w", newline="") as f:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,6 +40,9 @@ from .screening import Screen, combine
 
 SPLITS = ("reward", "calib", "test")
 Compensation = Callable[[GroupGraph, nn.Module, nn.Module, list], None]
+
+
+SCORES_KEPT = 4096  # parts of plans whose scores a problem remembers (least recently used dropped first)
 
 
 def check_settings(budget: float = 0.5, target: str = "flops", mode: str = "static", storage_budget: float = 1.0,
@@ -175,6 +179,7 @@ class PruningProblem:
                               latency_table=latency_table)
         self.cost.check_reachable()
         self._features: np.ndarray | None = None
+        self._scores: OrderedDict[tuple, tuple[float, float]] = OrderedDict()  # (split, plan, part) -> score
 
     # ------------------------------------------------------------------------------------------ variants
     def with_budget(self, budget: float) -> "PruningProblem":
@@ -202,6 +207,7 @@ class PruningProblem:
         out = copy.copy(self)
         out.predictors = copy.copy(self.predictors)
         out.predictors.gates = dict(gates)
+        out._scores = OrderedDict()  # other gates, other scores (a budget does not change a plan's score)
         return out
 
     def derive(self, **overrides) -> "PruningProblem":
@@ -288,20 +294,37 @@ class PruningProblem:
         """Prune, recalibrate and evaluate a plan of channel counts: accuracy, loss, cost ratios and the number of
         images scored. With ``screen`` (reward split only) the plan is raced (``envs.screening``): scored on the
         first ``screen.first`` images, on the rest only when it can still beat the search's best; ``screened``
-        says it stopped early."""
+        says it stopped early. The evaluator is deterministic, so a part of a split this problem has scored the
+        plan on is not scored again (a converged policy, or consecutive policy checks, often replay a plan)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
-        pruned = self.build_pruned(kept, rt)
-        self.recalibrate_bn(pruned)
         data, screened = getattr(self.data, split), False
+        gated = tuple(int(r) for r in (rt if rt is not None else kept)) if self.mode == "runtime" else None
+        plan = (split, tuple(int(k) for k in kept), gated)  # static mode: ``rt`` changes no network
+        pruned = None
+
+        def score(start: int, stop: int) -> tuple[float, float]:
+            """(accuracy, loss) of the plan on images start:stop, pruned and recalibrated on first need."""
+            nonlocal pruned
+            part = plan + (start, stop)
+            if part in self._scores:
+                self._scores.move_to_end(part)
+                return self._scores[part]
+            if pruned is None:
+                pruned = self.build_pruned(kept, rt)
+                self.recalibrate_bn(pruned)
+            self._scores[part] = self.evaluate_on(pruned, data.part(start, stop))
+            if len(self._scores) > SCORES_KEPT:
+                self._scores.popitem(last=False)
+            return self._scores[part]
+
         if screen is not None and split == "reward" and screen.first < len(data):
             n = screen.first
-            first = self.evaluate_on(pruned, data.part(0, n))
+            first = score(0, n)
             screened = not screen.can_win(first[0])
-            acc, loss = first if screened else combine(first, n, self.evaluate_on(pruned, data.part(n)),
-                                                       len(data) - n)
+            acc, loss = first if screened else combine(first, n, score(n, len(data)), len(data) - n)
         else:
-            acc, loss = self.evaluate(pruned, split)
+            acc, loss = score(0, len(data))
         if screen is not None and split == "reward" and not screened:
             screen.record(acc)
         r = self.cost.ratios(kept, rt)

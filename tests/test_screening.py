@@ -95,3 +95,30 @@ def test_screening_report_on_the_tiny_model(make_env):
 def test_bad_screen_size_names_the_argument(make_env):
     with pytest.raises(ValueError, match="screen_size=0"):
         make_env(screen_size=0)
+
+
+def test_a_part_of_the_split_a_plan_was_scored_on_is_not_scored_again(make_env, monkeypatch):
+    """The evaluator is deterministic: a replayed plan costs no pruning, recalibration or forward pass for the
+    parts already scored (one race's first rung is another's), and gives the very same numbers."""
+    plain = make_env(budget=0.5)
+    problem = plain.problem
+    built = []
+    build = problem.build_pruned
+    monkeypatch.setattr(problem, "build_pruned", lambda *a, **k: built.append(1) or build(*a, **k))
+    kept = run_actions(plain, random_actions(plain, 0))["kept_counts"]
+    assert len(built) == 1
+    whole = problem.evaluate_plan(kept)
+    assert len(built) == 1 and whole["images_scored"] == len(problem.data.reward)
+    assert problem.with_budget(0.7).evaluate_plan(kept)["accuracy"] == whole["accuracy"]  # a budget shares them
+    assert len(built) == 1
+
+    screen = Screen(100)
+    screen.record(1.0)  # a bar nothing reaches: the plan stops at the first rung
+    first = problem.evaluate_plan(kept, screen=screen)
+    assert first["screened"] and len(built) == 2  # images 0:100 were not a part scored before
+    fresh = Screen(100)  # a new race: the first rung is remembered, the rest of the split is scored
+    raced = problem.evaluate_plan(kept, screen=fresh)
+    assert not raced["screened"] and len(built) == 3
+    assert raced["accuracy"] == pytest.approx(whole["accuracy"], abs=1e-12)
+    assert problem.evaluate_plan(kept, screen=Screen(100))["accuracy"] == raced["accuracy"] and len(built) == 3
+    assert problem.evaluate_plan(kept, split="test")["images_scored"] == len(problem.data.test) and len(built) == 4
