@@ -93,7 +93,8 @@ class ChannelPruneEnv(gym.Env):
     With ``screen_size=n`` the reward split is raced (``envs.screening``): the plan is scored on its first ``n``
     images, and on the rest only if it can still beat the best plan this env has scored in full; otherwise the
     reward uses the first ``n`` images (``info["screened"]``). Episodes get cheaper; the best plan is always
-    scored in full.
+    scored in full. No plan is scored twice on the same images: the evaluator is deterministic, so the problem
+    (shared by envs made with ``derive``) remembers each plan's scores and a replayed plan costs nothing.
 
     With ``budget_mode="penalty"`` there is no wall and ``penalty_coef * (exp(excess) - 1)`` is subtracted, where
     ``excess = max(0, cost ratio / budget - 1)`` summed over the constrained costs (Chen et al.'s exponential
