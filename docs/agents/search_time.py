@@ -25,7 +25,8 @@ def summarize(run: Path) -> None:
     config = yaml.safe_load((run / "config.yaml").read_text())
     rows = read_csv(run / "episodes.csv")
     full = max(int(r["images_scored"]) for r in rows)
-    seconds = float(config["train_seconds"])
+    # a run stopped by hand has no train_seconds: the wall clock at its last episode then
+    seconds = float(config.get("train_seconds") or max(float(r["seconds"]) for r in rows))
     print(f"## {run}\n")
     print(f"{config['env_id']}, budget {config['env_kwargs'].get('budget')}, n_envs {config['n_envs']}, seed "
           f"{config['seed']}: {len(rows)} episodes + {config.get('selection_checks', 0)} checks in {seconds:.0f} s "
