@@ -191,10 +191,10 @@ class ExplorationDecay(BaseCallback):
 
 
 class SharedRace(BaseCallback):
-    """One race for all the training envs of a run: each env races the reward split (``screen_size``) against
-    the best plan it has scored in full, so with ``--n-envs K`` there were K races, each with a lower bar than
-    the run's best, and more plans scored in full than one env would score. After each step, the best
-    whole-split accuracy of any env goes to every env (``ChannelPruneEnv.share_race_best``)."""
+    """One race for all the training envs of a run (``--n-envs K``, ``screen_size``). An env races the reward
+    split against the best plan it has scored in full; alone, each of K envs would race against a bar below the
+    run's best and score more plans in full than one race would. After each step, the best whole-split accuracy
+    of any env goes to every env (``ChannelPruneEnv.share_race_best``)."""
 
     def __init__(self):
         super().__init__()
