@@ -49,7 +49,7 @@ def skip_evaluation(monkeypatch, env: ChannelPruneEnv) -> None:
     whose exact costs ``test_groups`` checks): skip building and evaluating the pruned network."""
     monkeypatch.setattr(env.problem, "build_pruned", lambda *a, **k: nn.Identity())
     monkeypatch.setattr(env.problem, "recalibrate_bn", lambda model: None)
-    monkeypatch.setattr(env.problem, "evaluate", lambda model, split="reward": (0.0, 0.0))
+    monkeypatch.setattr(env.problem, "evaluate_on", lambda model, data: (0.0, 0.0))
 
 
 def run_episode(env, actions=None, seed: int = 0):
