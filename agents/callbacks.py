@@ -131,7 +131,7 @@ class EpisodeRecorder(BaseCallback):
             for key in ("reward", "accuracy", "flops_ratio", "effective_flops_ratio"):
                 if row[key] is not None:
                     self._tb.add_scalar(f"episode/{key}", float(row[key]), self.episodes)
-        # a plan stopped at the first rung of the race (``screen_size``) was not scored in full: never the best
+        # a plan stopped at a rung of the race (``screen_size``) was not scored in full: never the best
         if not info.get("screened") and (self.best is None or reward > self.best["reward"]):
             self.best = {**self.meta, "episode": self.episodes, "timesteps": self.num_timesteps, "reward": reward,
                          **{k: info[k] for k in BEST_KEYS if k in info}}
@@ -218,9 +218,10 @@ class PolicySelection(EvalCallback):
     snapshot whose deterministic plan scores best on the reward split is saved as ``selected.zip``, its plan as
     ``selected.json`` (same fields as ``best.json``), and every check as a row of ``selection.csv``. Each check is
     one more reward-split evaluation, which the benchmark adds to the run's count. With ``screen_size`` the checks
-    are raced like the training episodes (``make_selection_env``): a check whose first-rung score cannot beat the
+    are raced like the training episodes (``make_selection_env``): a check whose score at a rung cannot beat the
     best check is stopped there (``images_scored`` says so) and is never selected, so only whole-split scores are
-    chosen by. A check that may win costs what it did unraced; the others cost BN recalibration and the first rung.
+    chosen by. A check that may win costs what it did unraced; the others cost BN recalibration and the rungs
+    they reached.
 
     Args:
         eval_env: a one-env VecEnv built like the training env (same actions wrapper), used only here.
@@ -268,7 +269,7 @@ class PolicySelection(EvalCallback):
                "keep_ratios": json.dumps([round(float(r), 4) for r in info.get("keep_ratios", [])])}
         with open(self.run_dir / SELECTION_FILE, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=SELECTION_FIELDS).writerow(row)
-        if info.get("screened"):  # a first-rung score is too noisy to choose by, and cannot win the race anyway
+        if info.get("screened"):  # a part-split score is too noisy to choose by, and cannot win the race anyway
             return
         if self.selected is None or reward > self.selected["reward"]:  # ties keep the earlier snapshot
             self.model.save(self.run_dir / SELECTED_MODEL_FILE)

@@ -55,7 +55,7 @@ def evaluate_run(run_dir: str | Path, test: bool = False, **env_overrides: Any) 
                          "agents.train?")
     cfg = yaml.safe_load(cfg_path.read_text())
     # every replay scored on the whole reward split: in a raced env (screen_size) a replay that cannot beat an
-    # earlier one would stop at the first rung
+    # earlier one would stop at a rung
     env = make_env_from_record(cfg, repr(str(cfg_path)), **{"screen_size": None, **env_overrides})
     out: dict[str, dict[str, Any]] = {}
     try:

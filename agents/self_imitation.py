@@ -20,7 +20,7 @@ leaves the anchor more often but finds worse plans. So no preset uses it.
 Deviations from the paper: the buffer keeps only the ``top_k`` episodes by return (the paper keeps all and samples
 by clipped advantage; an episode below the critic's estimate has zero weight either way), it has its own Adam
 optimizer at the policy's current learning rate (so PPO's moment estimates are not disturbed), and an episode
-stopped at the first rung of a race (``screen_size``) is never kept: its score is a 500-image guess.
+stopped at a rung of a race (``screen_size``) is never kept: its score is a part-split guess.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ TOLERANCE = 0.005  # EagleEye's: a candidate's cost within 0.5% of the target
 def reward_accuracies(env, counts: list[tuple[list[int], list[int]]]) -> list[float]:
     """The env's score of each plan's (kept, runtime) channel counts, one after another: BN recalibration, then
     accuracy on the reward split, raced as the env's episodes are when it has a ``screen_size`` (a plan that
-    cannot beat the best so far keeps its first-rung accuracy, below that best). The ``evaluate`` option replaces
+    cannot beat the best so far keeps its part-split accuracy, below that best). The ``evaluate`` option replaces
     it (``baselines.experiments.ray_grid`` spreads the evaluations over a Ray cluster, unraced)."""
-    screen = Screen(env.screen.first, env.screen.z) if getattr(env, "screen", None) is not None else None
+    screen = Screen(env.screen.rungs, env.screen.z) if getattr(env, "screen", None) is not None else None
     return [env.problem.evaluate_plan(kept, rt, split="reward", screen=screen)["accuracy"] for kept, rt in counts]
 
 

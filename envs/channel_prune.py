@@ -92,7 +92,8 @@ class ChannelPruneEnv(gym.Env):
 
     With ``screen_size=n`` the reward split is raced (``envs.screening``): the plan is scored on its first ``n``
     images, and on the rest only if it can still beat the best plan this env has scored in full; otherwise the
-    reward uses the first ``n`` images (``info["screened"]``). Episodes get cheaper; the best plan is always
+    reward uses the first ``n`` images (``info["screened"]``). ``screen_size=[500, 1000]`` races in more rungs:
+    500 images, 1,000 if it can still win, then the whole split. Episodes get cheaper; the best plan is always
     scored in full. No plan is scored twice on the same images: the evaluator is deterministic, so the problem
     (shared by envs made with ``derive``) remembers each plan's scores and a replayed plan costs nothing.
 
@@ -156,8 +157,8 @@ class ChannelPruneEnv(gym.Env):
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
 
     def __init__(self, problem: PruningProblem | None = None, *, reward: str = "acc", budget_mode: str = "wall",
-                 penalty_coef: float = 5.0, render_mode: str | None = None, screen_size: int | None = None,
-                 **problem_kwargs: Any):
+                 penalty_coef: float = 5.0, render_mode: str | None = None,
+                 screen_size: int | Sequence[int] | None = None, **problem_kwargs: Any):
         super().__init__()
         if problem is not None and problem_kwargs:
             raise ValueError(f"problem= is given, so {', '.join(sorted(problem_kwargs))} must not be: derive the "

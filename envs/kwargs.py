@@ -11,6 +11,7 @@ from typing import Any
 from .gates import DEFAULT_GATE_STEPS, DEFAULT_RUNTIME_GATES, check_gate_training
 from .importance import check_importance_samples
 from .problem import PROBLEM_KWARGS, check_settings
+from .screening import check_rungs
 
 REWARDS = ("acc", "acc_flops", "relative_ce")
 REWARD_ALIASES = {"chen2020": "relative_ce", "paper7": "relative_ce"}  # "paper7": the name of earlier versions
@@ -36,10 +37,8 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     if kwargs.get("render_mode") not in (None, *RENDER_MODES):
         raise ValueError(f"render_mode={kwargs['render_mode']!r} is not allowed; allowed: None, "
                          f"{', '.join(map(repr, RENDER_MODES))}")
-    screen = kwargs.get("screen_size")
-    if screen is not None and not (isinstance(screen, int) and not isinstance(screen, bool) and screen >= 1):
-        raise ValueError(f"screen_size={screen!r} must be None (score every plan on the whole reward split) or a "
-                         "positive integer (images scored first; the rest only for plans that can still win)")
+    if kwargs.get("screen_size") is not None:
+        check_rungs(kwargs["screen_size"])
     if kwargs.get("budget_mode") == "fill" and kwargs.get("mode", "static") != "static":
         raise ValueError(f"budget_mode='fill' is not allowed with mode={kwargs['mode']!r}; allowed: mode='static' "
                          "(fill scales the static keep ratios; use budget_mode='wall' in runtime mode)")

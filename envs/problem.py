@@ -292,10 +292,10 @@ class PruningProblem:
     def evaluate_plan(self, kept: Sequence[int], rt: Sequence[int] | None = None, split: str = "reward",
                       screen: Screen | None = None) -> dict:
         """Prune, recalibrate and evaluate a plan of channel counts: accuracy, loss, cost ratios and the number of
-        images scored. With ``screen`` (reward split only) the plan is raced (``envs.screening``): scored on the
-        first ``screen.first`` images, on the rest only when it can still beat the search's best; ``screened``
-        says it stopped early. The evaluator is deterministic, so a part of a split this problem has scored the
-        plan on is not scored again (a converged policy, or consecutive policy checks, often replay a plan)."""
+        images scored. With ``screen`` (reward split only) the plan is raced (``envs.screening``): scored rung by
+        rung, further only while it can still beat the search's best; ``screened`` says it stopped early. The
+        evaluator is deterministic, so a part of a split this problem has scored the plan on is not scored again
+        (a converged policy, or consecutive policy checks, often replay a plan)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
         data, screened = getattr(self.data, split), False
@@ -318,19 +318,21 @@ class PruningProblem:
                 self._scores.popitem(last=False)
             return self._scores[part]
 
-        if screen is not None and split == "reward" and screen.first < len(data):
-            n = screen.first
-            first = score(0, n)
-            screened = not screen.can_win(first[0])
-            acc, loss = first if screened else combine(first, n, score(n, len(data)), len(data) - n)
-        else:
-            acc, loss = score(0, len(data))
-        if screen is not None and split == "reward" and not screened:
+        raced = screen is not None and split == "reward"
+        acc, loss, scored = 0.0, 0.0, 0
+        for stop in screen.cuts(len(data)) if raced else [len(data)]:
+            part = score(scored, stop)
+            acc, loss = combine((acc, loss), scored, part, stop - scored) if scored else part
+            scored = stop
+            if scored < len(data) and not screen.can_win(acc, scored, len(data)):
+                screened = True
+                break
+        if raced and not screened:
             screen.record(acc)
         r = self.cost.ratios(kept, rt)
         out = {"accuracy": acc, "loss": loss, "flops_ratio": r["flops"], "params_ratio": r["params"],
                "effective_flops_ratio": r.get("effective", r["flops"]),
-               "images_scored": screen.first if screened else len(data), "screened": screened}
+               "images_scored": scored, "screened": screened}
         if "latency" in r:
             out["latency_ratio"] = r["latency"]
         return out

@@ -24,6 +24,19 @@ def test_racing_rule_stops_only_plans_that_cannot_win():
         Screen(0)
 
 
+def test_the_bound_is_on_the_accuracy_of_this_split():
+    """After 1,000 of 2,000 images half the split is known: the finite-population factor halves the variance, so
+    a plan 0.02 below the best stops there, where an infinite split would keep it."""
+    s = Screen((500, 1000))
+    s.record(0.80)
+    assert s.can_win(0.78, 1000) and not s.can_win(0.78, 1000, total=2000)
+    assert s.can_win(0.78, 500, total=2000)  # at 500 images the same gap is within the bound
+    assert s.cuts(2000) == [500, 1000, 2000] and s.cuts(800) == [500, 800]
+    for bad in ([1000, 500], [0, 10], "500", [500, 500]):
+        with pytest.raises(ValueError, match="screen_size"):
+            Screen(bad)
+
+
 def random_actions(env, seed):
     rng = np.random.default_rng(seed)
     return [rng.uniform(-1, 1, env.action_space.shape) for _ in range(env.n_groups)]
@@ -67,15 +80,43 @@ def test_raced_random_search_chooses_a_plan_scored_in_full(make_env):
         assert same or h["reward_accuracy"] < best
 
 
+def test_a_plan_stops_at_the_rung_where_it_can_no_longer_win(make_env):
+    """Rungs are scored in order, each only while the plan can still win; a stopped plan's score is its accuracy
+    on the images scored so far."""
+    env = make_env(budget=0.5)
+    problem = env.problem
+    kept = run_actions(env, random_actions(env, 0))["kept_counts"]
+
+    class LosesAtTheSecondRung(Screen):
+        def can_win(self, accuracy, scored=None, total=None):
+            return scored < 200
+
+    stopped = problem.evaluate_plan(kept, screen=LosesAtTheSecondRung((100, 200, 300)))
+    pruned = problem.build_pruned(kept)
+    problem.recalibrate_bn(pruned)
+    first_200 = problem.evaluate_on(pruned, problem.data.reward.part(0, 200))
+    assert stopped["screened"] and stopped["images_scored"] == 200
+    assert stopped["accuracy"] == pytest.approx(first_200[0], abs=1e-12)
+    whole = problem.evaluate_plan(kept, screen=Screen((100, 200, 300)))  # the first race: every rung may win
+    assert not whole["screened"] and whole["images_scored"] == len(problem.data.reward)
+    assert whole["accuracy"] == pytest.approx(problem.evaluate_plan(kept)["accuracy"], abs=1e-12)
+
+
 def test_race_replay_finds_the_best_when_the_first_rung_agrees():
     acc = np.random.default_rng(0).uniform(0.3, 0.9, 40)
-    r = screening.race(acc, acc, 500, 2000, orders=50)
+    r = screening.race({500: acc}, acc, 2000, orders=50)
     assert r["found_best"] == 1.0 and r["max_regret"] == 0.0
     assert 1 / 40 <= r["scored_in_full"] < 1.0  # plans far below the best so far are stopped
     assert r["images_per_plan"] == pytest.approx(500 + r["scored_in_full"] * 1500)
     # a first rung that ranks plans backwards misleads the race: it can miss the best
-    bad = screening.race(1.2 - acc, acc, 500, 2000, orders=50)
+    bad = screening.race({500: 1.2 - acc}, acc, 2000, orders=50)
     assert bad["found_best"] < 1.0 and bad["mean_regret"] > 0
+    # a second rung stops near-best plans that the first could not, and scores fewer images
+    noisy = {500: acc + np.random.default_rng(1).normal(0, 0.02, 40), 1000: acc}
+    two = screening.race(noisy, acc, 2000, orders=50)
+    one = screening.race({500: noisy[500]}, acc, 2000, orders=50)
+    assert two["found_best"] == 1.0 and two["images_per_plan"] < one["images_per_plan"]
+    assert two["stopped_at"]["1000"] > 0 and sum(two["stopped_at"].values()) == pytest.approx(1.0)
 
 
 def test_screening_report_on_the_tiny_model(make_env):
@@ -88,13 +129,16 @@ def test_screening_report_on_the_tiny_model(make_env):
         seconds = [r["rungs"][n]["seconds"] for n in (100, 250, len(env.data.reward))]
         assert seconds == sorted(seconds) and seconds[0] > 0  # cumulative: each rung adds its part's time
         assert math.isclose(r["cost_ratio"], 0.5, abs_tol=0.5 * 0.005)
-    with pytest.raises(ValueError, match="first"):
+    with pytest.raises(ValueError, match="rungs"):
         screening.score_plans(env, 3, [len(env.data.reward)])
 
 
 def test_bad_screen_size_names_the_argument(make_env):
     with pytest.raises(ValueError, match="screen_size=0"):
         make_env(screen_size=0)
+    with pytest.raises(ValueError, match=r"screen_size=\[200, 100\].*increasing"):
+        make_env(screen_size=[200, 100])
+    assert make_env(screen_size=[100, 200]).screen.rungs == (100, 200)
 
 
 def test_a_part_of_the_split_a_plan_was_scored_on_is_not_scored_again(make_env, monkeypatch):
