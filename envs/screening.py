@@ -21,19 +21,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 
 def check_rungs(screen_size: int | Sequence[int]) -> tuple[int, ...]:
     """``screen_size`` as increasing rung sizes; ValueError naming it unless a positive integer or an increasing
     sequence of them."""
-    rungs = (screen_size,) if isinstance(screen_size, int) else tuple(screen_size) \
-        if isinstance(screen_size, Sequence) and not isinstance(screen_size, str) else None
-    if not (rungs and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in rungs)
+    rungs: tuple = ()
+    if isinstance(screen_size, Integral):
+        rungs = (screen_size,)
+    elif isinstance(screen_size, Sequence) and not isinstance(screen_size, str):
+        rungs = tuple(screen_size)
+    if not (rungs and all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in rungs)
             and all(a < b for a, b in zip(rungs, rungs[1:]))):
         raise ValueError(f"screen_size={screen_size!r} must be None (score every plan on the whole reward split), "
                          "a positive integer (images scored first; the rest only for plans that can still win) or "
                          "an increasing list of them (the rungs of the race, e.g. [500, 1000])")
-    return rungs
+    return tuple(int(n) for n in rungs)
 
 
 @dataclass

@@ -32,6 +32,9 @@ def summarize(run: Path) -> None:
           f"{config['seed']}: {len(rows)} episodes + {config.get('selection_checks', 0)} checks in {seconds:.0f} s "
           f"({seconds / 60:.1f} min, {60 * len(rows) / seconds:.1f} episodes per minute); "
           f"{sum(int(r['images_scored']) == full for r in rows)} episodes scored in full\n")
+    levels = sorted({int(r["images_scored"]) for r in rows})  # the race's rungs a plan stopped at, and the whole
+    print("episodes by images scored: " + ", ".join(
+        f"{n}: {sum(int(r['images_scored']) == n for r in rows)}" for n in levels) + "\n")
     print("| episodes | mean reward | best reward | scored in full | seconds per episode |\n|---|---|---|---|---|")
     before = 0.0
     for lo, hi in BLOCKS:
