@@ -3,13 +3,14 @@ items 2 and 3; docs/reports/agents.md, "A second rung"). From the repository roo
 
     python docs/agents/rung_replay.py RUN --rungs 500 1000 --out OUT.json
 
-RUN is an `agents.train` run raced with `screen_size=500` (one rung). Its episodes scored in full have a known
+RUN is an `agents.train` run raced with `screen_size` (one rung or several). Its episodes scored in full have a known
 whole-split accuracy (their reward); this script scores each of them again on the first images at every rung of
 `--rungs` (BN recalibration included, the env's evaluator) and replays the run's race in episode order: the bar
 is the best whole-split accuracy so far, as the run's one shared race had it, and a plan stops at the first rung
 where `envs.screening.Screen` (with the finite-population factor) says it can no longer win. Reported: how many
 of the run's full scores each rung would have stopped, the images saved, and every stopped plan that would have
-raised the bar (a miss). Plans the run stopped at 500 images stay stopped (the new rule is not looser there)."""
+raised the bar (a miss). Plans the run stopped early count the images the run scored: give `--rungs` that include
+the run's own, so the new rule is nowhere looser (the factor `(N - n) / N` only tightens it)."""
 import argparse
 import csv
 import json
