@@ -35,32 +35,38 @@ from envs.machine import backend
 from envs.screening import Screen, check_rungs, combine
 
 
-def score_plans(env, plans: int, rungs: list[int], seed: int = 0) -> list[dict]:
-    """``plans`` random plans at ``env``'s budget, each recalibrated once and scored on the reward split in parts
-    cut at ``rungs``: the accuracy and the cumulative seconds at every rung, and on the whole split."""
-    problem = env.problem
+def score_in_parts(problem, kept, rt, cuts: list[int]) -> dict:
+    """One plan pruned, BN-recalibrated once and scored on the first images of the reward split part by part, up
+    to each of ``cuts`` (increasing; the last is where it stops): the recalibration seconds and, per cut, the
+    accuracy on the images so far and the cumulative seconds."""
     reward = problem.data.reward
+    t0 = time.perf_counter()
+    pruned = problem.build_pruned(kept, rt)
+    problem.recalibrate_bn(pruned)
+    row = {"recal_seconds": time.perf_counter() - t0, "rungs": {}}
+    acc, seconds, start = (0.0, 0.0), 0.0, 0
+    for stop in cuts:
+        t = time.perf_counter()
+        part = problem.evaluate_on(pruned, reward.part(start, stop))
+        seconds += time.perf_counter() - t
+        acc = combine(acc, start, part, stop - start) if start else part
+        row["rungs"][stop] = {"accuracy": acc[0], "seconds": seconds}
+        start = stop
+    return row
+
+
+def score_plans(env, plans: int, rungs: list[int], seed: int = 0) -> list[dict]:
+    """``plans`` random plans at ``env``'s budget, each scored by ``score_in_parts`` at ``rungs`` and on the whole
+    split (``accuracy``), with its cost ratio."""
+    reward = env.problem.data.reward
     cuts = sorted(set(rungs))
     if not (cuts and cuts[0] >= 1 and cuts[-1] < len(reward)):
         raise ValueError(f"rungs={rungs!r}: every value must be in [1, {len(reward) - 1}] (the reward split has "
                          f"{len(reward)} images)")
     rows = []
     for plan, ratio in budget_plans(env, np.random.default_rng(seed), plans)[0]:
-        kept, rt = env.cost.plan_counts(plan)
-        t0 = time.perf_counter()
-        pruned = problem.build_pruned(kept, rt)
-        problem.recalibrate_bn(pruned)
-        row = {"cost_ratio": ratio, "recal_seconds": time.perf_counter() - t0, "rungs": {}}
-        acc, seconds, start = (0.0, 0.0), 0.0, 0
-        for stop in cuts + [len(reward)]:
-            t = time.perf_counter()
-            part = problem.evaluate_on(pruned, reward.part(start, stop))
-            seconds += time.perf_counter() - t
-            acc = combine(acc, start, part, stop - start) if start else part
-            row["rungs"][stop] = {"accuracy": acc[0], "seconds": seconds}
-            start = stop
-        row["accuracy"] = acc[0]
-        rows.append(row)
+        row = score_in_parts(env.problem, *env.cost.plan_counts(plan), cuts + [len(reward)])
+        rows.append({"cost_ratio": ratio, **row, "accuracy": row["rungs"][len(reward)]["accuracy"]})
     return rows
 
 

@@ -22,6 +22,7 @@ import gymnasium as gym
 import yaml
 
 import envs  # noqa: F401 - registers the ids
+from baselines.experiments.screening import score_in_parts
 from envs.screening import Screen
 
 
@@ -50,12 +51,7 @@ def main() -> int:
             continue
         kept, rt = env.cost.plan_counts(json.loads(r["keep_ratios"]))
         acc = float(r["accuracy"])
-        pruned = problem.build_pruned(kept, rt)
-        problem.recalibrate_bn(pruned)
-        at, correct, start = {}, 0.0, 0
-        for n in rungs:  # accuracy on the first n images, part by part
-            correct += problem.evaluate_on(pruned, problem.data.reward.part(start, n))[0] * (n - start)
-            at[n], start = correct / n, n
+        at = {n: r["accuracy"] for n, r in score_in_parts(problem, kept, rt, rungs)["rungs"].items()}
         stop = next((n for n in rungs if not screen.can_win(at[n], n, total)), total)
         stopped[stop] += 1
         images += stop
