@@ -14,6 +14,7 @@ import yaml
 
 import envs  # noqa: F401  (registers the ChannelPrune-* ids)
 from envs import resolve_env_id
+from envs.cores import CoreShare, WorkerCores
 from envs.kwargs import check_kwargs
 from envs.paths import atomic_write_text
 
@@ -146,7 +147,8 @@ class EnvFactory:
     is "relative") + exact return in the info + Monitor (+ the on-policy episode-reward baseline).
 
     ``single_thread`` (set for SubprocVecEnv workers) pins torch to one thread per worker: K workers on K cores
-    would otherwise each start a full OpenMP pool and contend.
+    would otherwise each start a full OpenMP pool and contend. ``cores`` (a slot of an ``envs.cores.CoreShare``)
+    lets a worker that evaluates alone take the idle workers' cores.
     """
 
     env_id: str
@@ -154,6 +156,7 @@ class EnvFactory:
     single_thread: bool = False
     baseline_alpha: float | None = None  # set: wrap in EpisodeBaselineWrapper (on-policy episode-level reward)
     actions: str = "absolute"
+    cores: WorkerCores | None = None
 
     def __call__(self) -> gym.Env:
         if self.single_thread:
@@ -163,6 +166,8 @@ class EnvFactory:
         from stable_baselines3.common.monitor import Monitor
 
         env = Monitor(EpisodeReturnInfo(wrap_actions(gym.make(self.env_id, **self.env_kwargs), self.actions)))
+        if self.cores is not None:
+            env.unwrapped.share_cores(self.cores)
         if self.baseline_alpha is not None:
             from .episode_reward import EpisodeBaselineWrapper
 
@@ -183,12 +188,14 @@ def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, basel
         return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, baseline_alpha, actions)])
     gym.make(env_id, **env_kwargs).close()
     worker_kwargs = {**env_kwargs, "progress": False, "train_if_missing": False}
-    factories = [EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions) for _ in range(n_envs)]
     if ray_address is not None:
         from .distributed import RayVecEnv
 
-        return RayVecEnv(factories, address=ray_address)
-    return SubprocVecEnv(factories, start_method=start_method)
+        return RayVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions) for _ in range(n_envs)],
+                         address=ray_address)
+    share = CoreShare(n_envs)  # the workers of one machine lend each other idle cores
+    return SubprocVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions, share.slot(i))
+                          for i in range(n_envs)], start_method=start_method)
 
 
 def make_selection_env(vec_env, env_id: str, env_kwargs: dict[str, Any], actions: str = "absolute"):

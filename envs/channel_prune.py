@@ -198,6 +198,11 @@ class ChannelPruneEnv(gym.Env):
         if self.screen is not None:
             self.screen.record(float(accuracy))
 
+    def share_cores(self, cores) -> None:
+        """Evaluate on this worker's share of the machine's cores (``envs.cores.CoreShare.slot(i)``; parallel
+        workers of one search): ``PruningProblem.share_cores``."""
+        self.problem.share_cores(cores)
+
     def even_keep_ratio(self) -> float:
         """The keep ratio that, given to this step's group and every later one, spends the budget with the earlier
         groups as decided (``CostModel.even_ratio``): what a uniform allocation of what is left would ask for."""

@@ -14,6 +14,7 @@ with the command to run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .budget import MODES, TARGETS, CostModel
+from .cores import WorkerCores
 from .data import DatasetSplits, Split, load_dataset
 from .groups import GroupGraph
 from .gates import DEFAULT_GATE_STEPS, DEFAULT_RUNTIME_GATES, check_gate_training, gate_layout
@@ -180,6 +182,14 @@ class PruningProblem:
         self.cost.check_reachable()
         self._features: np.ndarray | None = None
         self._scores: OrderedDict[tuple, tuple[float, float]] = OrderedDict()  # (split, plan, part) -> score
+        self.cores: WorkerCores | None = None  # set by share_cores (parallel workers)
+
+    def share_cores(self, cores: WorkerCores | None) -> None:
+        """Evaluate on this worker's share of the machine's cores (``envs.cores``): past the first rung of a race,
+        a plan takes the cores of the workers that have stopped. ``None``: the process's own threads."""
+        if cores is not None and not isinstance(cores, WorkerCores):
+            raise ValueError(f"cores={cores!r} must be None or an envs.cores.WorkerCores (CoreShare.slot(i))")
+        self.cores = cores
 
     # ------------------------------------------------------------------------------------------ variants
     def with_budget(self, budget: float) -> "PruningProblem":
@@ -312,21 +322,25 @@ class PruningProblem:
                 return self._scores[part]
             if pruned is None:
                 pruned = self.build_pruned(kept, rt)
-                self.recalibrate_bn(pruned)
+                self.recalibrate_bn(pruned)  # at the worker's own threads: BN statistics depend on the count
+            if start > 0 and cores is not None:  # every worker scores a first part; later ones may be alone
+                cores.fit()
             self._scores[part] = self.evaluate_on(pruned, data.part(start, stop))
             if len(self._scores) > SCORES_KEPT:
                 self._scores.popitem(last=False)
             return self._scores[part]
 
         raced = screen is not None and split == "reward"
+        cores = self.cores if self.device.type == "cpu" else None
         acc, loss, scored = 0.0, 0.0, 0
-        for stop in screen.cuts(len(data)) if raced else [len(data)]:
-            part = score(scored, stop)
-            acc, loss = combine((acc, loss), scored, part, stop - scored) if scored else part
-            scored = stop
-            if scored < len(data) and not screen.can_win(acc, scored, len(data)):
-                screened = True
-                break
+        with cores.busy() if cores is not None else contextlib.nullcontext():
+            for stop in screen.cuts(len(data)) if raced else [len(data)]:
+                part = score(scored, stop)
+                acc, loss = combine((acc, loss), scored, part, stop - scored) if scored else part
+                scored = stop
+                if scored < len(data) and not screen.can_win(acc, scored, len(data)):
+                    screened = True
+                    break
         if raced and not screened:
             screen.record(acc)
         r = self.cost.ratios(kept, rt)

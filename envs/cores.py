@@ -1,0 +1,104 @@
+"""Cores shared by evaluation workers: a worker whose siblings are idle scores with their cores too.
+
+Parallel envs (``agents.train --n-envs K``: SubprocVecEnv workers, one torch thread each) step together, and an
+episode ends with its evaluation. In a raced search (``screen_size``) most plans stop at the first rung while a
+few are scored in full, so at the end of most steps one worker evaluates while the others wait for it with their
+cores idle. ``CoreShare`` is a small shared array (one byte per worker: busy or not) that the workers' problems
+read before each part of an evaluation (``PruningProblem.evaluate_plan``): a worker takes ``cores // busy``
+threads (at least one), so the last worker of a step scores on all the cores.
+
+The arithmetic does not change with the thread count: ``WorkerCores`` raises a worker's threads only to counts
+whose probed backend (``envs.machine.backend``: memory format, precision) equals the one at its own count, and
+tests/test_cores.py checks that a plan's accuracy and loss are the same at 1 and 2 threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+
+import torch
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class CoreShare:
+    """Who of ``workers`` processes is evaluating now, in shared memory; give each worker ``slot(i)``.
+
+    Built in the parent before the workers start (a worker gets its slot through process creation, as
+    multiprocessing shares arrays)."""
+
+    def __init__(self, workers: int, cores: int | None = None):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers={workers!r} must be a positive integer")
+        cores = available_cores() if cores is None else cores
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise ValueError(f"cores={cores!r} must be a positive integer")
+        self.workers, self.cores = workers, cores
+        self.busy = mp.RawArray("b", workers)
+
+    def slot(self, index: int) -> "WorkerCores":
+        if not (isinstance(index, int) and 0 <= index < self.workers):
+            raise ValueError(f"index={index!r} must be in [0, {self.workers})")
+        return WorkerCores(self.busy, index, self.cores)
+
+
+class WorkerCores:
+    """One worker's view of a ``CoreShare``: ``with cores.busy():`` around an evaluation, ``cores.fit()`` before
+    each part of it (sets torch's threads to this worker's share of the cores; outside ``busy`` the worker keeps
+    the thread count it had)."""
+
+    def __init__(self, busy, index: int, cores: int):
+        self._busy, self.index, self.cores = busy, index, cores
+        self._base: int | None = None  # the worker's own thread count, read when it first evaluates
+        self._same_arithmetic: dict[int, bool] = {}
+
+    def share(self) -> int:
+        """This worker's share of the cores now: ``cores // busy workers`` (at least 1)."""
+        busy = max(1, sum(1 for b in self._busy if b))
+        return max(1, self.cores // busy)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        self._base = self._base or torch.get_num_threads()
+        self._busy[self.index] = 1
+        try:
+            yield
+        finally:
+            self._busy[self.index] = 0
+            if torch.get_num_threads() != self._base:
+                torch.set_num_threads(self._base)
+
+    def fit(self) -> int:
+        """Set torch's threads to this worker's share (never below its own count, only to counts with the same
+        backend); returns the count set."""
+        base = self._base or torch.get_num_threads()
+        n = max(base, self.share())
+        if n != base and not self._same_backend(base, n):
+            n = base
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return n
+
+    def _same_backend(self, base: int, n: int) -> bool:
+        """Whether the probed backend at ``n`` threads equals that at ``base`` (formats and precision)."""
+        if n not in self._same_arithmetic:
+            from .machine import backend
+
+            was = torch.get_num_threads()
+            seen = []
+            for threads in (base, n):
+                torch.set_num_threads(threads)
+                be = backend("cpu")
+                seen.append((be.eval_channels_last, be.train_channels_last, be.bf16))
+            torch.set_num_threads(was)
+            self._same_arithmetic[n] = seen[0] == seen[1]
+        return self._same_arithmetic[n]
