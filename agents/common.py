@@ -194,8 +194,10 @@ def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, basel
         return RayVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions) for _ in range(n_envs)],
                          address=ray_address)
     share = CoreShare(n_envs)  # the workers of one machine lend each other idle cores
-    return SubprocVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions, share.slot(i))
-                          for i in range(n_envs)], start_method=start_method)
+    vec_env = SubprocVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions, share.slot(i))
+                             for i in range(n_envs)], start_method=start_method)
+    vec_env.core_share = share  # the shared block lives as long as the workers
+    return vec_env
 
 
 def make_selection_env(vec_env, env_id: str, env_kwargs: dict[str, Any], actions: str = "absolute"):

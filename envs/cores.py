@@ -15,9 +15,10 @@ tests/test_cores.py checks that a plan's accuracy and loss are the same at 1 and
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
+import weakref
 from collections.abc import Iterator
+from multiprocessing import shared_memory
 
 import torch
 
@@ -31,10 +32,9 @@ def available_cores() -> int:
 
 
 class CoreShare:
-    """Who of ``workers`` processes is evaluating now, in shared memory; give each worker ``slot(i)``.
-
-    Built in the parent before the workers start (a worker gets its slot through process creation, as
-    multiprocessing shares arrays)."""
+    """Who of ``workers`` processes is evaluating now: one byte each in a named shared-memory block, released
+    when this object is collected (keep it as long as the workers run). Give worker ``i`` ``slot(i)``; a slot
+    pickles as the block's name, so it travels to a worker however the worker is started."""
 
     def __init__(self, workers: int, cores: int | None = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -43,12 +43,19 @@ class CoreShare:
         if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
             raise ValueError(f"cores={cores!r} must be a positive integer")
         self.workers, self.cores = workers, cores
-        self.busy = mp.RawArray("b", workers)
+        self._block = shared_memory.SharedMemory(create=True, size=workers)
+        self._block.buf[:workers] = bytes(workers)
+        weakref.finalize(self, _release, self._block)
 
     def slot(self, index: int) -> "WorkerCores":
-        if not (isinstance(index, int) and 0 <= index < self.workers):
-            raise ValueError(f"index={index!r} must be in [0, {self.workers})")
-        return WorkerCores(self.busy, index, self.cores)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.workers:
+            raise ValueError(f"index={index!r} must be an integer in [0, {self.workers})")
+        return WorkerCores(self._block.name, index, self.workers, self.cores)
+
+
+def _release(block: shared_memory.SharedMemory) -> None:
+    block.close()
+    block.unlink()
 
 
 class WorkerCores:
@@ -56,24 +63,37 @@ class WorkerCores:
     each part of it (sets torch's threads to this worker's share of the cores; outside ``busy`` the worker keeps
     the thread count it had)."""
 
-    def __init__(self, busy, index: int, cores: int):
-        self._busy, self.index, self.cores = busy, index, cores
+    def __init__(self, name: str, index: int, workers: int, cores: int):
+        self.name, self.index, self.workers, self.cores = name, index, workers, cores
+        self._block: shared_memory.SharedMemory | None = None
         self._base: int | None = None  # the worker's own thread count, read when it first evaluates
         self._same_arithmetic: dict[int, bool] = {}
 
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "index": self.index, "workers": self.workers, "cores": self.cores}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def _flags(self) -> memoryview:
+        if self._block is None:  # attached on first use, in the process that uses it
+            self._block = shared_memory.SharedMemory(name=self.name)
+        return self._block.buf
+
     def share(self) -> int:
         """This worker's share of the cores now: ``cores // busy workers`` (at least 1)."""
-        busy = max(1, sum(1 for b in self._busy if b))
+        busy = max(1, sum(self._flags[:self.workers]))
         return max(1, self.cores // busy)
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         self._base = self._base or torch.get_num_threads()
-        self._busy[self.index] = 1
+        self._flags[self.index] = 1
         try:
             yield
         finally:
-            self._busy[self.index] = 0
+            self._flags[self.index] = 0
             if torch.get_num_threads() != self._base:
                 torch.set_num_threads(self._base)
 

@@ -85,3 +85,27 @@ def test_a_raced_plan_past_the_first_rung_uses_the_idle_cores(make_env, threads)
     assert info["loss"] == pytest.approx(ref["loss"], rel=1e-6)  # a mean of two parts' means, rounded
     with pytest.raises(ValueError, match="cores"):
         env.share_cores("all")
+
+
+def _mark_busy_in_another_process(slot, done) -> None:
+    with slot.busy():
+        done.put(slot.share())
+
+
+def test_a_slot_travels_to_a_spawned_worker():
+    """SubprocVecEnv pickles its env factories (with cloudpickle): a slot goes as the block's name."""
+    import multiprocessing as mp
+
+    import cloudpickle
+
+    share = CoreShare(2, cores=2)
+    here = share.slot(0)
+    assert cloudpickle.loads(cloudpickle.dumps(share.slot(1))).share() == 2  # nobody busy: all the cores
+    ctx = mp.get_context("spawn")
+    done = ctx.Queue()
+    with here.busy():
+        p = ctx.Process(target=_mark_busy_in_another_process, args=(share.slot(1), done))
+        p.start()
+        assert done.get(timeout=120) == 1  # it saw this process busy
+        p.join(timeout=60)
+    assert p.exitcode == 0
