@@ -15,14 +15,13 @@ import csv
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import SubprocVecEnv, VecEnv
 from tqdm.auto import tqdm
 
 from .common import BEST_FILE, EPISODES_FILE, SELECTED_FILE, SELECTED_MODEL_FILE, SELECTION_FILE, write_json_atomic
@@ -30,6 +29,7 @@ from .common import BEST_FILE, EPISODES_FILE, SELECTED_FILE, SELECTED_MODEL_FILE
 CSV_FIELDS = ("episode", "timesteps", "env", "reward", "accuracy", "flops_ratio", "params_ratio",
               "effective_flops_ratio", "clamp_total", "images_scored", "eval_seconds", "seconds",
               "keep_ratios")
+PENDING_MODEL_FILE = "check.zip"  # the snapshot of the check being scored (becomes selected.zip if it wins)
 SELECTION_FIELDS = ("check", "episodes", "reward", "accuracy", "flops_ratio", "params_ratio", "images_scored",
                     "keep_ratios")
 BEST_KEYS = ("accuracy", "loss", "flops_ratio", "params_ratio", "effective_flops_ratio", "latency_ratio",
@@ -212,7 +212,7 @@ class SharedRace(BaseCallback):
         return True
 
 
-class PolicySelection(EvalCallback):
+class PolicySelection(BaseCallback):
     """Every ``every`` training episodes, play the deterministic policy once on ``eval_env`` and keep the best
     snapshot: early stopping on the reward split, as RL Zoo keeps ``best_model`` with SB3's EvalCallback.
 
@@ -225,6 +225,12 @@ class PolicySelection(EvalCallback):
     best check is stopped there (``images_scored`` says so) and is never selected, so only whole-split scores are
     chosen by. A check that may win costs what it did unraced; the others cost BN recalibration and the rungs
     they reached.
+
+    In a worker process (``eval_env`` a SubprocVecEnv, as ``make_selection_env`` builds it for ``--n-envs`` K > 1)
+    a check does not stop training: its plan is chosen at once (the deterministic policy's steps cost no
+    evaluation), the snapshot is saved, and the plan is scored while training goes on; its result is recorded
+    before the next check starts, or when training ends. The rows and the choice are those of a check scored on
+    the spot.
 
     Args:
         eval_env: a one-env VecEnv built like the training env (same actions wrapper), used only here.
@@ -239,44 +245,69 @@ class PolicySelection(EvalCallback):
                  n_envs: int = 1):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"select_every={every!r} must be a positive integer (training episodes per check)")
-        super().__init__(eval_env, n_eval_episodes=1, eval_freq=max(1, every * episode_len // n_envs),
-                         deterministic=True, verbose=0, warn=False)
+        super().__init__()
+        self.eval_env, self.eval_freq = eval_env, max(1, every * episode_len // n_envs)
         self.run_dir, self.meta, self.episode_len = Path(run_dir), dict(meta), int(episode_len)
+        self.background = isinstance(eval_env, SubprocVecEnv)
         self.checks = 0
         self.selected: dict[str, Any] | None = None
-
-    def _init_callback(self) -> None:
-        with warnings.catch_warnings():  # by design one local env checks what K worker envs (--n-envs) train on
-            warnings.filterwarnings("ignore", "Training and eval env are not of the same type")
-            super()._init_callback()
+        self._pending: int | None = None  # episodes at the check being scored
 
     def _on_training_start(self) -> None:
         with open(self.run_dir / SELECTION_FILE, "w", newline="") as f:
             csv.DictWriter(f, fieldnames=SELECTION_FIELDS).writeheader()
 
     def _on_step(self) -> bool:
-        checks = self.eval_freq > 0 and self.n_calls % self.eval_freq == 0
-        out = super()._on_step()
-        if checks:
-            # the exact return (Monitor's, which evaluate_policy reports, is rounded to 6 decimals)
-            self._record(float(self.eval_env.get_attr("last_return", indices=0)[0]),
-                         self.eval_env.get_attr("last_info", indices=0)[0])
-        return out
+        if self.n_calls % self.eval_freq == 0:
+            self.collect()  # the previous check first: checks are raced and recorded in order
+            self._start()
+            if not self.background:
+                self.collect()
+        return True
 
-    def _record(self, reward: float, info: dict[str, Any]) -> None:
+    def _on_training_end(self) -> None:
+        self.collect()
+
+    def _start(self) -> None:
+        """Play the deterministic policy up to its last action, save the snapshot, and send the last step (the
+        evaluation) to the eval env without waiting for it."""
+        obs = self.eval_env.reset()
+        for _ in range(self.episode_len - 1):
+            obs, _, done, _ = self.eval_env.step(self.model.predict(obs, deterministic=True)[0])
+            if done[0]:
+                raise RuntimeError(f"the check's episode ended before step {self.episode_len}; episode_len "
+                                   "must be the env's number of groups")
+        self.model.save(self.run_dir / PENDING_MODEL_FILE)
+        self.eval_env.step_async(self.model.predict(obs, deterministic=True)[0])
+        self._pending = self.num_timesteps // self.episode_len
+
+    def collect(self) -> None:
+        """Wait for the check being scored, if any, and record it."""
+        if self._pending is None:
+            return
+        episodes, self._pending = self._pending, None
+        _, rewards, dones, infos = self.eval_env.step_wait()
+        if not dones[0]:
+            raise RuntimeError(f"the check's episode did not end after {self.episode_len} steps; episode_len must "
+                               "be the env's number of groups")
+        self._record(episode_return(infos[0], float(rewards[0])), infos[0], episodes)
+
+    def _record(self, reward: float, info: dict[str, Any], episodes: int) -> None:
         self.checks += 1
-        episodes = self.num_timesteps // self.episode_len
         row = {"check": self.checks, "episodes": episodes, "reward": reward, "accuracy": info.get("accuracy"),
                "flops_ratio": info.get("flops_ratio"), "params_ratio": info.get("params_ratio"),
                "images_scored": info.get("images_scored"),
                "keep_ratios": json.dumps([round(float(r), 4) for r in info.get("keep_ratios", [])])}
         with open(self.run_dir / SELECTION_FILE, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=SELECTION_FIELDS).writerow(row)
+        pending = self.run_dir / PENDING_MODEL_FILE
         if info.get("screened"):  # a part-split score is too noisy to choose by, and cannot win the race anyway
+            pending.unlink(missing_ok=True)
             return
         if self.selected is None or reward > self.selected["reward"]:  # ties keep the earlier snapshot
-            self.model.save(self.run_dir / SELECTED_MODEL_FILE)
+            pending.replace(self.run_dir / SELECTED_MODEL_FILE)
             self.selected = {**self.meta, "check": self.checks, "episodes": episodes, "reward": reward,
                              **{k: info[k] for k in BEST_KEYS if k in info}}
             write_json_atomic(self.run_dir / SELECTED_FILE, self.selected)
-
+        else:
+            pending.unlink(missing_ok=True)

@@ -175,6 +175,11 @@ class EnvFactory:
         return env
 
 
+def worker_kwargs(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A worker's env kwargs: it only reads the caches the parent built, and prints nothing."""
+    return {**env_kwargs, "progress": False, "train_if_missing": False}
+
+
 def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, baseline_alpha: float | None = None,
                  start_method: str | None = None, ray_address: str | None = None, actions: str = "absolute"):
     """DummyVecEnv for one env, SubprocVecEnv (one torch thread per worker) for several; with ``ray_address``
@@ -187,27 +192,34 @@ def make_vec_env(env_id: str, env_kwargs: dict[str, Any], n_envs: int = 1, basel
     if n_envs == 1 and ray_address is None:
         return DummyVecEnv([EnvFactory(env_id, env_kwargs, False, baseline_alpha, actions)])
     gym.make(env_id, **env_kwargs).close()
-    worker_kwargs = {**env_kwargs, "progress": False, "train_if_missing": False}
+    kwargs = worker_kwargs(env_kwargs)
     if ray_address is not None:
         from .distributed import RayVecEnv
 
-        return RayVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions) for _ in range(n_envs)],
+        return RayVecEnv([EnvFactory(env_id, kwargs, True, baseline_alpha, actions) for _ in range(n_envs)],
                          address=ray_address)
-    share = CoreShare(n_envs)  # the workers of one machine lend each other idle cores
-    vec_env = SubprocVecEnv([EnvFactory(env_id, worker_kwargs, True, baseline_alpha, actions, share.slot(i))
+    share = CoreShare(n_envs + 1)  # the workers lend each other idle cores; the last slot: the policy checks'
+    vec_env = SubprocVecEnv([EnvFactory(env_id, kwargs, True, baseline_alpha, actions, share.slot(i))
                              for i in range(n_envs)], start_method=start_method)
     vec_env.core_share = share  # the shared block lives as long as the workers
     return vec_env
 
 
 def make_selection_env(vec_env, env_id: str, env_kwargs: dict[str, Any], actions: str = "absolute"):
-    """A one-env DummyVecEnv like the training env, for :class:`agents.callbacks.PolicySelection`. With
+    """A one-env VecEnv like the training env, for :class:`agents.callbacks.PolicySelection`. With
     ``screen_size`` it races the checks as its own search (a fresh ``envs.screening.Screen``: a check is scored in
-    full only when it may beat the best check so far). It shares the training env's problem when that env lives
-    in this process (no second build), else it is built from ``env_id`` and ``env_kwargs``."""
-    from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv
+    full only when it may beat the best check so far).
 
+    Beside ``make_vec_env``'s workers it is one more worker (a SubprocVecEnv with the last slot of their
+    ``CoreShare``), so a check is scored while training goes on; beside a local env it shares that env's problem
+    (no second build); otherwise it is built here from ``env_id`` and ``env_kwargs``."""
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    share = getattr(vec_env, "core_share", None)
+    if share is not None:
+        checker = EnvFactory(env_id, worker_kwargs(env_kwargs), True, None, actions, share.slot(share.workers - 1))
+        return SubprocVecEnv([checker])
     local = getattr(vec_env, "envs", None)
     if local:
         checks = local[0].unwrapped.derive()  # same settings, its own race

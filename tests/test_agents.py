@@ -802,6 +802,31 @@ def test_ppo_with_episode_reward_and_two_subprocess_envs(tmp_path):
     assert best["reward"] == max(float(r["accuracy"]) for r in rows)
 
 
+def test_policy_checks_in_a_worker_are_recorded_in_order_with_their_own_snapshots(tmp_path):
+    """--n-envs 2: the policy checks run in a third worker while training goes on. Each check's row names the
+    episodes it was taken at, and selected.zip is the snapshot of the check selected.json records (it replays to
+    that check's score), not the policy of the later step at which the result came back."""
+    from agents.common import SELECTED_MODEL_FILE
+
+    kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
+    run = train("ppo", ENV_ID, kwargs, episodes=8, n_envs=2, seed=0, out=tmp_path, progress=False,
+                tensorboard=False, select_every=2, n_steps_episodes=1)
+    checks = read_csv(run / "selection.csv")
+    assert [int(c["episodes"]) for c in checks] == [2, 4, 6, 8]
+    assert len({c["keep_ratios"] for c in checks}) > 1  # the policy changed between checks
+    selected = json.loads((run / "selected.json").read_text())
+    rewards = [float(c["reward"]) for c in checks]
+    assert selected["reward"] == max(rewards) and selected["check"] == rewards.index(max(rewards)) + 1
+    assert not (run / "check.zip").exists()
+    policy = ALGOS["ppo"].load(run / SELECTED_MODEL_FILE, device="cpu")
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker that scored it (BN statistics depend on the thread count)
+    try:
+        assert run_episode(gym.make(ENV_ID, **kwargs), policy)[1]["accuracy"] == selected["accuracy"]
+    finally:
+        torch.set_num_threads(was)
+
+
 def test_timestep_budget(tmp_path):
     kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
     run = train("a2c", ENV_ID, kwargs, timesteps=30, seed=0, out=tmp_path, progress=False, tensorboard=False)
