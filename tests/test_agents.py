@@ -809,8 +809,12 @@ def test_policy_checks_in_a_worker_are_recorded_in_order_with_their_own_snapshot
     from agents.common import SELECTED_MODEL_FILE
 
     kwargs = synthetic_kwargs(k=4, copies=2, depth=1, budget=0.5)
-    run = train("ppo", ENV_ID, kwargs, episodes=8, n_envs=2, seed=0, out=tmp_path, progress=False,
+    run = train("ppo", ENV_ID, kwargs, episodes=8, n_envs=2, seed=0, out=tmp_path / "checked", progress=False,
                 tensorboard=False, select_every=2, n_steps_episodes=1)
+    plain = train("ppo", ENV_ID, kwargs, episodes=8, n_envs=2, seed=0, out=tmp_path / "plain", progress=False,
+                  tensorboard=False, n_steps_episodes=1)
+    episodes = [[(r["reward"], r["keep_ratios"]) for r in read_csv(d / "episodes.csv")] for d in (run, plain)]
+    assert episodes[0] == episodes[1]  # checking the policy does not change what it trains on
     checks = read_csv(run / "selection.csv")
     assert [int(c["episodes"]) for c in checks] == [2, 4, 6, 8]
     assert len({c["keep_ratios"] for c in checks}) > 1  # the policy changed between checks
