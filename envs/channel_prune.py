@@ -17,6 +17,7 @@ from gymnasium import spaces
 from torch import nn
 
 from .budget import ratio_of_action
+from .cores import WorkerCores
 from .kwargs import RENDER_MODES, REWARD_ALIASES, check_kwargs
 from .observation import BUDGET_LEFT, OBS_FEATURES, PREV_ACTION, REDUCED
 from .problem import PruningProblem
@@ -198,7 +199,7 @@ class ChannelPruneEnv(gym.Env):
         if self.screen is not None:
             self.screen.record(float(accuracy))
 
-    def share_cores(self, cores) -> None:
+    def share_cores(self, cores: WorkerCores | None) -> None:
         """Evaluate on this worker's share of the machine's cores (``envs.cores.CoreShare.slot(i)``; parallel
         workers of one search): ``PruningProblem.share_cores``."""
         self.problem.share_cores(cores)

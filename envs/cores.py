@@ -3,13 +3,16 @@
 Parallel envs (``agents.train --n-envs K``: SubprocVecEnv workers, one torch thread each) step together, and an
 episode ends with its evaluation. In a raced search (``screen_size``) most plans stop at the first rung while a
 few are scored in full, so at the end of most steps one worker evaluates while the others wait for it with their
-cores idle. ``CoreShare`` is a small shared array (one byte per worker: busy or not) that the workers' problems
-read before each part of an evaluation (``PruningProblem.evaluate_plan``): a worker takes ``cores // busy``
-threads (at least one), so the last worker of a step scores on all the cores.
+cores idle. ``CoreShare`` is a named shared-memory block (one byte per worker: busy or not) that the workers'
+problems read before each part of an evaluation (``PruningProblem.evaluate_plan``): past the first rung a worker
+takes ``cores // busy`` threads (at least its own), so the last worker of a step scores on all the cores.
 
-The arithmetic does not change with the thread count: ``WorkerCores`` raises a worker's threads only to counts
-whose probed backend (``envs.machine.backend``: memory format, precision) equals the one at its own count, and
-tests/test_cores.py checks that a plan's accuracy and loss are the same at 1 and 2 threads.
+The score should not change with the thread count. BN recalibration, whose batch statistics do depend on it,
+and the first rung run at the worker's own count; the forward passes after it gave the same accuracy and loss at
+1 and 2 threads to the last bit on the test model (tests/test_cores.py, on every machine CI runs on) and on
+ResNet-18 plans on an AVX2 EPYC (docs/agents/thread_invariance.py). A machine whose kernels split sums by thread
+could differ in the last bits. A worker only takes thread counts whose probed backend (``envs.machine.backend``:
+memory format, precision) equals its own count's.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ cores; docs/reports/agents.md, "Search time on the AVX2 CPU"). From the reposito
 
 For each run directory of `agents.train`: its training seconds and episodes per minute (config.yaml), a table
 by blocks of episodes (mean and best reward, episodes scored in full, wall seconds per episode) from
-episodes.csv, and its policy checks (selection.csv: how many were scored in full, the selected one)."""
+episodes.csv, its policy checks (selection.csv: how many were scored in full, the selected one) and, for runs
+that record each episode's `eval_seconds` (2026-12-08 on), the wall time outside the evaluations: the parallel
+envs step together, so each step that ends episodes lasts as long as its slowest evaluation, and what is left
+is the rest of the search (policy, PPO updates, policy checks that stop training)."""
 import csv
 import sys
 from pathlib import Path
@@ -46,6 +49,15 @@ def summarize(run: Path) -> None:
         print(f"| {lo}-{hi} | {reward.mean():.4f} | {reward.max():.4f} | "
               f"{sum(int(r['images_scored']) == full for r in block)} | {(end - before) / len(block):.2f} |")
         before = end
+    if rows[0].get("eval_seconds"):
+        steps: dict[int, list[dict[str, str]]] = {}  # the episodes that ended at the same step of the vec env
+        for r in rows:
+            steps.setdefault(int(r["timesteps"]), []).append(r)
+        slowest = sum(max(float(r["eval_seconds"]) for r in s) for s in steps.values())
+        wall = max(float(r["seconds"]) for r in rows)
+        images = sum(int(r["images_scored"]) for r in rows)
+        print(f"wall {wall:.0f} s: the slowest evaluation of each step {slowest:.0f} s, outside the evaluations "
+              f"{wall - slowest:.0f} s; {1000 * wall / images:.2f} s per 1,000 reward images scored\n")
     best = max(rows, key=lambda r: float(r["reward"]))
     print(f"\nbest reward {float(best['reward']):.4f} at episode {best['episode']}")
     if (run / "selection.csv").exists():
