@@ -301,10 +301,9 @@ class PolicySelection(BaseCallback):
         with open(self.run_dir / SELECTION_FILE, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=SELECTION_FIELDS).writerow(row)
         pending = self.run_dir / PENDING_MODEL_FILE
-        if info.get("screened"):  # a part-split score is too noisy to choose by, and cannot win the race anyway
-            pending.unlink(missing_ok=True)
-            return
-        if self.selected is None or reward > self.selected["reward"]:  # ties keep the earlier snapshot
+        # a part-split score (screened) is too noisy to choose by, and cannot win the race anyway; ties keep the
+        # earlier snapshot
+        if not info.get("screened") and (self.selected is None or reward > self.selected["reward"]):
             pending.replace(self.run_dir / SELECTED_MODEL_FILE)
             self.selected = {**self.meta, "check": self.checks, "episodes": episodes, "reward": reward,
                              **{k: info[k] for k in BEST_KEYS if k in info}}
